@@ -1,0 +1,100 @@
+"""``quarry``: batch speech transcription on Ray.
+
+Thin on purpose: parse arguments, load the config, call plan.run_job, report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from .config import ConfigError, load_config
+
+EXIT_BUDGET = 1  # the job ran, but failed rows exceeded output.max_failed_fraction
+EXIT_CANNOT_RUN = 2  # bad config, unreadable manifest, engine that cannot start, ...
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log progress and Ray's own messages.")
+def main(verbose: bool) -> None:
+    """Quarry transcribes (or translates) every recording in a manifest and scores WER where
+    references exist. Results are Parquet files under OUTPUT/transcripts/ plus OUTPUT/summary.json.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("quarry").setLevel(logging.INFO)
+
+
+@main.command()
+@click.option("--manifest", required=True, metavar="URI",
+              help="JSONL, CSV or Parquet manifest at any fsspec URL (local path, s3://, file://, memory://). "
+                   "Columns: audio (required), id, reference, language, task, target_language, keywords; "
+                   "others are carried through.")
+@click.option("--output", required=True, metavar="URI", help="Output folder or prefix (local or s3://).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="YAML job config; without it the embedded default (local Ray, offline CPU engine) applies.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key, e.g. --set engine.name=whisper --set engine.model=base. Repeatable.")
+@click.option("--overwrite", is_flag=True, help="Replace results already at OUTPUT.")
+def run(manifest: str, output: str, config_path: str | None, overrides: tuple[str, ...], overwrite: bool) -> None:
+    """Transcribe every row of MANIFEST into OUTPUT.
+
+    Exit status: 0 when the job completed (even with some failed rows, each carrying its reason);
+    1 when failed rows exceed output.max_failed_fraction; 2 when the job could not run.
+    """
+    from .engines import EngineUnavailable
+    from .manifest import ManifestError
+    from .output import OutputExistsError
+    from .plan import run_job
+
+    try:
+        cfg = load_config(config_path, overrides)
+        result = run_job(cfg, manifest, output, overwrite=overwrite)
+    except (ConfigError, ManifestError, OutputExistsError, EngineUnavailable) as e:
+        _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - an engine that cannot start surfaces here through Ray
+        cause = _root_cause(e)
+        _fail(f"job failed: {type(cause).__name__}: {cause}")
+    s = result.summary
+    click.echo(_report(s, result.summary_uri))
+    if not result.ok:
+        click.echo(f"quarry: failed rows {s['n_failed']}/{s['n_input']} exceed max_failed_fraction "
+                   f"{s['max_failed_fraction']}", err=True)
+        sys.exit(EXIT_BUDGET)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    from .engines import EngineUnavailable
+
+    seen = error
+    while seen is not None:
+        if isinstance(seen, EngineUnavailable):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return getattr(error, "cause", None) or error
+
+
+def _fail(message: str) -> None:
+    click.echo(f"quarry: {message.splitlines()[0] if message else 'error'}", err=True)
+    sys.exit(EXIT_CANNOT_RUN)
+
+
+def _report(s: dict, summary_uri: str) -> str:
+    lines = [
+        f"rows: {s['n_input']} in, {s['n_ok']} ok, {s['n_failed']} failed"
+        + (f" ({json.dumps(s['n_failed_by_reason'])})" if s["n_failed"] else ""),
+        f"audio: {s['audio_s']:.1f} s in {s['job_wall_s']:.1f} s wall (RTFx {s['rtfx_job']}; engine RTFx {s['rtfx_inference']})",
+    ]
+    for language, metrics in s["scores"]["by_language"].items():
+        for metric, t in metrics.items():
+            lines.append(f"{metric.upper()} {language}: {t['rate']:.4f} over {t['n_scored']} rows ({t['normalizer']})"
+                         if t["rate"] is not None else f"{metric.upper()} {language}: no reference words")
+    lines.append(f"transcripts: {summary_uri.rsplit('/', 1)[0]}/transcripts/")
+    lines.append(f"summary: {summary_uri}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

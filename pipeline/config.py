@@ -1,0 +1,226 @@
+"""Job configuration: one validated object, every default in one place.
+
+A config is YAML validated by pydantic with ``extra="forbid"`` at every level, so a typo in a
+nightly job's file fails loudly with the key named instead of running with defaults.
+``--set key.path=value`` overrides any key. Building a config has no side effects.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "local.yaml"
+
+
+class ConfigError(ValueError):
+    """The job configuration is invalid; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="Ray cluster address ('auto', 'ray://host:10001'); null starts a local Ray."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; null = all cores.")
+    object_store_memory_mb: int | None = Field(
+        None, ge=64, description="Object store size for a local Ray; null = Ray's default."
+    )
+
+
+class ColumnsConfig(_Section):
+    """Where each field lives in the manifest, for manifests with other column names."""
+
+    audio: str = "audio"
+    id: str = "id"
+    reference: str = "reference"
+    language: str = "language"
+    task: str = "task"
+    target_language: str = "target_language"
+    keywords: str = "keywords"
+
+
+class InputConfig(_Section):
+    format: Literal["auto", "jsonl", "csv", "parquet"] = Field(
+        "auto", description="Manifest format; auto picks by file extension."
+    )
+    columns: ColumnsConfig = ColumnsConfig()
+
+
+class AudioConfig(_Section):
+    sample_rate: Literal[16000] = Field(16000, description="Rate every engine receives, in Hz.")
+    resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ"] = Field(
+        "HQ", description="soxr quality preset."
+    )
+    max_duration_s: float = Field(
+        3600.0 * 4, gt=0, description="Longer recordings are rejected with status too_long."
+    )
+    decode_cpus: float = Field(
+        0.5, gt=0, description="CPUs Ray reserves per decode task (fractional keeps actors fed)."
+    )
+
+
+class WhisperOptions(_Section):
+    """faster-whisper (CTranslate2) decoding options."""
+
+    compute_type: str = Field("int8", description="CTranslate2 compute type (int8, float32, ...).")
+    beam_size: int = Field(5, ge=1)
+    without_timestamps: bool = Field(True, description="Text-only decoding (better WER on clips).")
+    cpu_threads: int = Field(0, ge=0, description="CTranslate2 threads per replica; 0 = CPUs given to the actor.")
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    vad_filter: bool = False
+
+
+class VllmOptions(_Section):
+    """vLLM engine options (see docs/engines.md)."""
+
+    max_model_len: int = Field(1024, ge=64, description="Prompt + output tokens; caps clip length.")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences vLLM batches together.")
+    dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16, float32.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    enforce_eager: bool = Field(False, description="Skip CUDA graphs / compilation (faster start).")
+    cpu_kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    max_output_tokens_per_s: float = Field(
+        8.0, gt=0, description="Output token budget per second of audio (greedy decoding)."
+    )
+    min_output_tokens: int = Field(32, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
+
+
+class EngineConfig(_Section):
+    name: Literal["whisper", "vllm", "fake"] = Field("whisper", description="Which engine runs.")
+    model: str = Field(
+        "tiny.en",
+        description="Model name or path. whisper: tiny.en / base (offline packages) or any "
+        "CTranslate2 path or hub name; vllm: a hub name or local checkpoint.",
+    )
+    replicas: int = Field(1, ge=1, description="Actors, one model replica each.")
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1, description="Rows per engine call.")
+    whisper: WhisperOptions = WhisperOptions()
+    vllm: VllmOptions = VllmOptions()
+
+
+class TaskConfig(_Section):
+    """Job-level defaults for the per-row task columns."""
+
+    language: str | None = Field(None, description="Spoken language when a row gives none.")
+    task: Literal["transcribe", "translate"] = "transcribe"
+    target_language: str | None = None
+    keywords: list[str] = Field(default_factory=list, description="Biasing keywords for every row.")
+    max_keywords: int = Field(50, ge=0)
+    max_keyword_chars: int = Field(64, ge=1)
+
+
+class ScoringConfig(_Section):
+    normalizer: Literal["auto", "whisper_english", "whisper_basic", "none"] = Field(
+        "auto",
+        description="auto: Whisper English normaliser for en, the basic multilingual one otherwise "
+        "(the Open ASR leaderboard's choice).",
+    )
+    cer_languages: list[str] = Field(
+        default_factory=lambda: ["ja", "zh", "ko", "th"],
+        description="Languages scored by character error rate.",
+    )
+
+
+class OutputConfig(_Section):
+    rows_per_file: int = Field(10_000, ge=1, description="Parquet rows per output file (at most).")
+    max_failed_fraction: float = Field(
+        1.0, ge=0, le=1, description="Exit non-zero when failed rows exceed this share of input."
+    )
+
+
+class StorageConfig(_Section):
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options (e.g. client_kwargs). Credentials belong in the "
+        "standard AWS environment variables, not here.",
+    )
+
+
+class JobConfig(_Section):
+    ray: RayConfig = RayConfig()
+    input: InputConfig = InputConfig()
+    audio: AudioConfig = AudioConfig()
+    engine: EngineConfig = EngineConfig()
+    task: TaskConfig = TaskConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    output: OutputConfig = OutputConfig()
+    storage: StorageConfig = StorageConfig()
+
+    def redacted(self) -> dict[str, Any]:
+        """The resolved config as plain data, with anything that looks like a secret masked."""
+        return _redact(self.model_dump(mode="json"))
+
+
+_SECRET_KEY = re.compile(r"secret|password|token|key_id|access_key|session|credential", re.I)
+
+
+def _redact(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, key) for v in value]
+    if key and _SECRET_KEY.search(key) and value not in (None, ""):
+        return "***"
+    return value
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``engine.batch_size=16`` -> ("engine.batch_size", 16); values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Load a YAML config (the embedded default when ``path`` is None) and apply overrides."""
+    source = Path(path) if path else DEFAULT_CONFIG
+    try:
+        data = yaml.safe_load(source.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {source}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {source} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {source} must hold a mapping at the top level")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(data, key, value)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from e
+
+
+def _describe(error: ValidationError, source: Path) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{where}'")
+        else:
+            lines.append(f"'{where}': {item['msg']}")
+    return f"invalid config ({source.name}): " + "; ".join(lines)

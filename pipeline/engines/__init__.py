@@ -1,0 +1,45 @@
+"""Engines behind one interface; :func:`load_engine` picks one by ``engine.name``.
+
+Each engine lives in its own module and is imported only when chosen, so the heavy libraries
+(ctranslate2, vllm, torch) load only in the workers that use them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..config import EngineConfig
+from .base import SAMPLE_RATE_HZ, Engine, EngineRequest, EngineResult
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine or its model cannot be loaded here; the message says what is missing."""
+
+
+def _whisper(cfg: EngineConfig) -> Engine:
+    from .whisper import WhisperEngine
+
+    return WhisperEngine(cfg.model, cfg.whisper, cpus=cfg.cpus_per_replica)
+
+
+def _vllm(cfg: EngineConfig) -> Engine:
+    from .vllm import VllmEngine
+
+    return VllmEngine(cfg.model, cfg.vllm, device="cuda" if cfg.gpus_per_replica > 0 else "cpu")
+
+
+def _fake(cfg: EngineConfig) -> Engine:
+    from .fake import FakeEngine
+
+    return FakeEngine(cfg.model)
+
+
+ENGINES: dict[str, Callable[[EngineConfig], Engine]] = {"whisper": _whisper, "vllm": _vllm, "fake": _fake}
+
+
+def load_engine(cfg: EngineConfig) -> Engine:
+    """Load the configured engine once (call in a worker's setup, never per batch)."""
+    return ENGINES[cfg.name](cfg)
+
+
+__all__ = ["Engine", "EngineRequest", "EngineResult", "EngineUnavailable", "SAMPLE_RATE_HZ", "load_engine"]

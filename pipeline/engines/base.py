@@ -1,0 +1,59 @@
+"""The engine interface: the only place in the pipeline that knows a model exists.
+
+An engine is loaded once per worker (a Ray actor) and then turns batches of decoded audio into
+text. Stages never import a model library; they call :func:`pipeline.engines.load_engine` and
+talk to the returned object through :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+SAMPLE_RATE_HZ = 16_000
+"""Every engine receives 16 kHz mono float32 audio."""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One unit of work for an engine: a clip of audio and what to do with it."""
+
+    id: str
+    samples: np.ndarray  # float32, mono, SAMPLE_RATE_HZ
+    language: str | None = None  # spoken language (ISO 639-1), None = engine decides / default
+    task: str = "transcribe"  # "transcribe" | "translate"
+    target_language: str | None = None  # for task == "translate"
+    keywords: tuple[str, ...] = ()  # biasing hints, already sanitised
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / SAMPLE_RATE_HZ
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """The engine's answer for one request. ``status`` is ``ok`` or a failure reason."""
+
+    text: str | None
+    status: str = "ok"
+    error: str | None = None
+    language: str | None = None  # language the engine used or detected
+    avg_logprob: float | None = None  # mean token log-probability, a confidence proxy
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model. ``transcribe`` returns exactly one result per request, in order.
+
+    Engines report per-request problems (unsupported language, clip too long) as results with a
+    status; they raise only for failures of the engine itself (it died, ran out of memory), which
+    the caller treats as fatal for the batch.
+    """
+
+    name: str
+    model: str
+
+    def transcribe(self, requests: Sequence[EngineRequest]) -> list[EngineResult]: ...

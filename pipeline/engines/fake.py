@@ -1,0 +1,42 @@
+"""A deterministic engine for fast tests of the pipeline's own logic (never proof of a feature).
+
+Its text is a fingerprint of the audio, so different audio gives different text and tests can
+check that results land on the right rows. Test hooks: a request whose id starts with
+``fail-engine`` raises (as a broken model call would); one with language ``xx`` is unsupported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import numpy as np
+
+from ..records import Status
+from .base import EngineRequest, EngineResult
+
+
+class FakeEngine:
+    name = "fake"
+
+    def __init__(self, model: str = "fingerprint"):
+        self.model = model
+
+    @staticmethod
+    def fingerprint(samples: np.ndarray) -> str:
+        digest = hashlib.sha1(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()[:8]
+        return f"audio {digest} of {len(samples)} samples"
+
+    def transcribe(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+        results = []
+        for req in requests:
+            if req.id.startswith("fail-engine"):
+                raise RuntimeError(f"fake engine failure for {req.id}")
+            if req.language == "xx":
+                results.append(EngineResult(None, Status.UNSUPPORTED_TASK.value, "language 'xx' is not supported"))
+                continue
+            text = self.fingerprint(req.samples)
+            if req.keywords:
+                text += " keywords " + " ".join(req.keywords)
+            results.append(EngineResult(text, language=req.language, avg_logprob=-0.1))
+        return results

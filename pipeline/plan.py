@@ -1,0 +1,121 @@
+"""The Ray Data graph: the only module that knows Ray exists.
+
+manifest read -> PrepareStage -> DecodeStage (CPU tasks) -> InferenceStage (actor pool, one model
+replica per actor) -> ScoreStage -> streamed to the driver's TranscriptWriter -> summary.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .config import JobConfig
+from .manifest import PrepareStage, detect_format, extra_fields, read_manifest, read_manifest_schema
+from .output import JobTally, TranscriptWriter, build_summary, write_summary
+from .records import transcript_schema
+from .stages import DecodeStage, InferenceStage, ScoreStage
+
+log = logging.getLogger("quarry")
+
+# Small CPU reservations for light stages, so they never starve the actor pool (on a 2-core
+# machine an actor pool that takes every CPU would otherwise leave the read task pending forever).
+LIGHT_STAGE_CPUS = 0.25
+
+
+@dataclass(frozen=True)
+class JobResult:
+    summary: dict[str, Any]
+    summary_uri: str
+
+    @property
+    def ok(self) -> bool:
+        return self.summary["status"] == "completed"
+
+
+def init_ray(cfg: JobConfig) -> None:
+    """Connect to the configured cluster, or start a local Ray bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"OMP_NUM_THREADS": str(max(1, int(cfg.engine.cpus_per_replica))), "TOKENIZERS_PARALLELISM": "false"}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=False)
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(
+        num_cpus=cfg.ray.num_cpus,
+        object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": env},
+        log_to_driver=False,
+        configure_logging=False,
+    )
+
+
+def build_dataset(cfg: JobConfig, manifest_uri: str):
+    """The lazy Ray Dataset of output rows, and the output schema."""
+    from ray.data import ActorPoolStrategy
+
+    fmt = detect_format(manifest_uri, cfg.input.format)
+    extras = extra_fields(read_manifest_schema(manifest_uri, cfg), fmt, cfg.input.columns)
+    e = cfg.engine
+    ds = read_manifest(manifest_uri, cfg)
+    ds = ds.map_batches(
+        PrepareStage(manifest_uri, cfg.input.columns, cfg.task, extras),
+        batch_format="pyarrow", batch_size=256, num_cpus=LIGHT_STAGE_CPUS,
+    )
+    ds = ds.map_batches(
+        DecodeStage(cfg.audio, cfg.storage.options, extras),
+        batch_format="pyarrow", batch_size=max(1, e.batch_size // 2), num_cpus=cfg.audio.decode_cpus,
+    )
+    ds = ds.map_batches(
+        InferenceStage,
+        fn_constructor_kwargs={"engine": e, "extras": extras},
+        compute=ActorPoolStrategy(size=e.replicas),
+        batch_format="pyarrow", batch_size=e.batch_size,
+        num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
+        max_restarts=-1, max_task_retries=-1,
+    )
+    ds = ds.map_batches(
+        ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=256, num_cpus=LIGHT_STAGE_CPUS
+    )
+    return ds, transcript_schema(extras)
+
+
+def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bool = False) -> JobResult:
+    """Run one job end to end and write its outputs. Raises only when the job cannot run."""
+    started = time.time()
+    clock = time.perf_counter()
+    fmt = detect_format(manifest_uri, cfg.input.format)
+    extras = extra_fields(read_manifest_schema(manifest_uri, cfg), fmt, cfg.input.columns)
+    writer = TranscriptWriter(output_uri, transcript_schema(extras), cfg.storage.options, cfg.output.rows_per_file)
+    writer.prepare(overwrite)
+    init_ray(cfg)
+    ds, _ = build_dataset(cfg, manifest_uri)
+    tally = JobTally()
+    last_log = clock
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        writer.write(batch)
+        tally.add(batch)
+        if time.perf_counter() - last_log > 10:
+            last_log = time.perf_counter()
+            log.info("progress: %d rows (%d failed), %.0f s of audio, %.1f s elapsed",
+                     tally.n_input, tally.n_failed, tally.audio_s, last_log - clock)
+    writer.close()
+    summary = build_summary(
+        tally,
+        job_wall_s=time.perf_counter() - clock,
+        started_at=started,
+        engine=cfg.engine.name,
+        model=cfg.engine.model,
+        config=cfg.redacted(),
+        files=writer.files,
+        max_failed_fraction=cfg.output.max_failed_fraction,
+    )
+    uri = write_summary(output_uri, summary, cfg.storage.options)
+    return JobResult(summary, uri)

@@ -1,0 +1,83 @@
+"""Typed records and the one output schema every writer and test uses.
+
+A manifest row becomes an :class:`Utterance`; every stage either passes it on or marks it failed
+with a :class:`Status` and a message. Nothing drops a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import pyarrow as pa
+
+
+class Status(str, Enum):
+    """Per-row outcome. Everything but ``OK`` is a failure reason counted in the summary."""
+
+    OK = "ok"
+    INVALID_ROW = "invalid_row"  # manifest row unusable (no audio URI, bad field)
+    MISSING_OBJECT = "missing_object"  # audio object does not exist
+    ACCESS_DENIED = "access_denied"  # storage refused the read
+    FETCH_ERROR = "fetch_error"  # storage failed after retries
+    DECODE_ERROR = "decode_error"  # bytes are not decodable audio (or truncated)
+    EMPTY_AUDIO = "empty_audio"  # decodes to zero samples
+    INVALID_AUDIO = "invalid_audio"  # decodes, but samples are NaN / Inf
+    TOO_LONG = "too_long"  # longer than the engine or config accepts
+    UNSUPPORTED_TASK = "unsupported_task"  # language / task pair the model cannot do
+    INFERENCE_ERROR = "inference_error"  # the engine failed on this row
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One manifest row, resolved: what to transcribe and how."""
+
+    id: str
+    audio: str  # absolute URI
+    reference: str | None = None
+    language: str | None = None
+    task: str = "transcribe"
+    target_language: str | None = None
+    keywords: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)  # carried-through manifest columns
+
+
+# Columns every output row has, in this order, before the carried-through manifest columns.
+TRANSCRIPT_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("audio", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("text", pa.string()),
+    pa.field("reference", pa.string()),
+    pa.field("language", pa.string()),
+    pa.field("task", pa.string()),
+    pa.field("target_language", pa.string()),
+    pa.field("duration_s", pa.float64()),
+    pa.field("source_sample_rate", pa.int32()),
+    pa.field("source_channels", pa.int32()),
+    pa.field("engine", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("avg_logprob", pa.float64()),
+    pa.field("inference_s", pa.float64()),  # this row's share of its batch's engine wall time
+    pa.field("metric", pa.string()),  # "wer" or "cer"
+    pa.field("normalizer", pa.string()),
+    pa.field("ref_words", pa.int64()),  # reference units: words, or characters for CER languages
+    pa.field("substitutions", pa.int64()),
+    pa.field("deletions", pa.int64()),
+    pa.field("insertions", pa.int64()),
+    pa.field("wer", pa.float64()),  # the row's error rate in `metric` units
+)
+TRANSCRIPT_COLUMNS: tuple[str, ...] = tuple(f.name for f in TRANSCRIPT_FIELDS)
+
+
+def transcript_schema(extra_fields: list[pa.Field] | tuple[pa.Field, ...] = ()) -> pa.Schema:
+    """The output schema: fixed columns, then the manifest's carried-through columns."""
+    clash = [f.name for f in extra_fields if f.name in TRANSCRIPT_COLUMNS]
+    if clash:
+        raise ValueError(f"carried-through columns clash with output columns: {clash}")
+    return pa.schema(list(TRANSCRIPT_FIELDS) + list(extra_fields))

@@ -1,0 +1,53 @@
+import pytest
+
+from pipeline.config import ConfigError, JobConfig, load_config
+
+
+def test_embedded_default_selects_the_offline_cpu_engine_on_local_ray():
+    cfg = load_config()
+    assert cfg.ray.address is None
+    assert (cfg.engine.name, cfg.engine.model) == ("whisper", "tiny.en")
+
+
+def test_unknown_key_fails_with_the_key_named(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("engine:\n  name: whisper\n  beam_sise: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'engine\.beam_sise'"):
+        load_config(path)
+
+
+def test_unknown_key_in_set_override_is_named():
+    with pytest.raises(ConfigError, match=r"unknown key 'output\.rows_per_fle'"):
+        load_config(None, ["output.rows_per_fle=3"])
+
+
+def test_set_overrides_any_key_with_yaml_typed_values():
+    cfg = load_config(None, ["engine.name=fake", "engine.batch_size=16", "task.keywords=[a, b]", "engine.whisper.without_timestamps=false"])
+    assert cfg.engine.name == "fake"
+    assert cfg.engine.batch_size == 16
+    assert cfg.task.keywords == ["a", "b"]
+    assert cfg.engine.whisper.without_timestamps is False
+
+
+def test_invalid_value_names_key_and_reason():
+    with pytest.raises(ConfigError, match=r"'engine\.replicas'"):
+        load_config(None, ["engine.replicas=0"])
+
+
+def test_set_without_equals_sign_is_rejected():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["engine.name"])
+
+
+def test_redacted_config_masks_secrets_in_storage_options():
+    cfg = JobConfig.model_validate({"storage": {"options": {"key": "AKIA", "secret": "s3cr3t", "client_kwargs": {"aws_secret_access_key": "x"}}}})
+    dumped = str(cfg.redacted())
+    assert "s3cr3t" not in dumped and "'x'" not in dumped
+    assert "***" in dumped
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "s3.yaml"])
+def test_shipped_configs_validate(name):
+    from pipeline.config import CONFIG_DIR
+
+    load_config(CONFIG_DIR / name)
