@@ -65,6 +65,29 @@ def run(manifest: str, output: str, config_path: str | None, overrides: tuple[st
         sys.exit(EXIT_BUDGET)
 
 
+@main.command()
+@click.option("--manifest", required=True, metavar="URI", help="A small manifest of clips to measure on.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE", help="YAML job config.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key. Repeatable.")
+@click.option("--batch-sizes", default="8", show_default=True, help="Comma-separated engine batch sizes.")
+@click.option("--replicas", default="1", show_default=True, help="Comma-separated actor counts for pipeline runs.")
+def bench(manifest: str, config_path: str | None, overrides: tuple[str, ...], batch_sizes: str, replicas: str) -> None:
+    """Measure RTFx of the engine alone and of the whole pipeline on the same clips, side by side.
+
+    Prints a table; the last column is the pipeline's overhead (job wall / engine-only wall).
+    """
+    from .bench import format_table, run_bench
+
+    try:
+        cfg = load_config(config_path, overrides)
+        sizes = [int(x) for x in batch_sizes.split(",") if x]
+        counts = [int(x) for x in replicas.split(",") if x]
+    except (ConfigError, ValueError) as e:
+        _fail(str(e))
+    click.echo(f"engine {cfg.engine.name} / {cfg.engine.model} on {manifest}")
+    click.echo(format_table(run_bench(cfg, manifest, sizes, counts)))
+
+
 def _root_cause(error: BaseException) -> BaseException:
     from .engines import EngineUnavailable
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from .config import ColumnsConfig, JobConfig, TaskConfig
@@ -40,6 +39,8 @@ PREPARED_FIELDS = (
     pa.field("target_language", pa.string()),
     pa.field("keywords", pa.list_(pa.string())),
 )
+
+JSONL_LINE = "text"  # the column Ray's read_text gives each JSONL line
 
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -88,12 +89,27 @@ def read_manifest_schema(uri: str, cfg: JobConfig) -> pa.Schema:
     if len(head) == 1 << 20 and len(lines) > 1:
         lines = lines[:-1]  # drop a possibly partial last line
     sample = b"\n".join(lines) + b"\n"
+    if fmt == "jsonl":
+        return _jsonl_columns(lines, uri)
     try:
-        if fmt == "csv":
-            return pacsv.read_csv(pa.py_buffer(sample)).schema
-        return pajson.read_json(pa.py_buffer(sample)).schema
+        return pacsv.read_csv(pa.py_buffer(sample)).schema
     except Exception as e:  # noqa: BLE001
-        raise ManifestError(f"manifest {uri} is not valid {fmt}: {e}") from e
+        raise ManifestError(f"manifest {uri} is not valid CSV: {e}") from e
+
+
+def _jsonl_columns(lines: list[bytes], uri: str) -> pa.Schema:
+    """Keys seen in the first lines, in order; malformed lines are left to PrepareStage."""
+    names: dict[str, None] = {}
+    for line in lines:
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            names.update(dict.fromkeys(value))
+    if not names:
+        raise ManifestError(f"manifest {uri} has no JSON object in its first lines")
+    return pa.schema([pa.field(n, pa.string()) for n in names])
 
 
 def extra_fields(schema: pa.Schema, fmt: str, columns: ColumnsConfig) -> list[pa.Field]:
@@ -121,7 +137,7 @@ def read_manifest(uri: str, cfg: JobConfig):
     if cfg.input.columns.audio not in schema.names:
         raise ManifestError(f"manifest {uri} has no {cfg.input.columns.audio!r} column (columns: {schema.names})")
     fs, path = url_to_fs(uri, cfg.storage.options)
-    remote = {"num_cpus": 0.25}
+    remote = {"num_cpus": 0.25}  # light: never starve the actor pool
     if is_process_local(fs):
         # memory:// lives in this process only; workers cannot see it. The table is already in
         # this process's memory, so handing it to Ray costs nothing extra.
@@ -130,16 +146,18 @@ def read_manifest(uri: str, cfg: JobConfig):
         table = {
             "parquet": lambda: pq.read_table(pa.BufferReader(data)),
             "csv": lambda: pacsv.read_csv(pa.BufferReader(data), convert_options=_csv_as_text(schema)),
-            "jsonl": lambda: pajson.read_json(pa.BufferReader(data)),
+            "jsonl": lambda: pa.table({JSONL_LINE: [ln for ln in data.to_pybytes().decode().splitlines() if ln.strip()]}),
         }[fmt]()
         return ray.data.from_arrow(table)
     kwargs: dict[str, Any] = {"filesystem": None if fs.protocol in ("file", ("file", "local")) else arrow_filesystem(fs)}
     read_path = path if kwargs["filesystem"] is not None else os.path.abspath(path)
     if fmt == "parquet":
-        return ray.data.read_parquet(read_path, ray_remote_args=remote, **kwargs)
+        return ray.data.read_parquet(read_path, **remote, **kwargs)
     if fmt == "csv":
-        return ray.data.read_csv(read_path, ray_remote_args=remote, convert_options=_csv_as_text(schema), **kwargs)
-    return ray.data.read_json(read_path, lines=True, ray_remote_args=remote, file_extensions=None, **kwargs)
+        return ray.data.read_csv(read_path, **remote, convert_options=_csv_as_text(schema), **kwargs)
+    # JSONL is read as text and parsed per row (PrepareStage): a malformed line becomes one
+    # invalid_row instead of failing the read, and no type inference can split the schema.
+    return ray.data.read_text(read_path, **remote, **kwargs)
 
 
 def _csv_as_text(schema: pa.Schema) -> pacsv.ConvertOptions:
@@ -171,11 +189,23 @@ def parse_keywords(value: Any) -> list[str]:
     return [str(k).strip() for k in items if k is not None and str(k).strip()]
 
 
+def _parse_line(raw: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    line = raw[JSONL_LINE]
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        return {}, f"manifest line is not JSON ({e.msg}): {line[:120]!r}"
+    if not isinstance(value, dict):
+        return {}, f"manifest line is not a JSON object: {line[:120]!r}"
+    return value, None
+
+
 class PrepareStage:
     """Raw manifest batch -> resolved utterance rows with the prepared schema."""
 
-    def __init__(self, manifest_uri: str, columns: ColumnsConfig, task: TaskConfig, extras: list[pa.Field]):
+    def __init__(self, manifest_uri: str, fmt: str, columns: ColumnsConfig, task: TaskConfig, extras: list[pa.Field]):
         self.manifest_dir = parent_uri(manifest_uri)
+        self.jsonl = fmt == "jsonl"
         self.columns = columns
         self.task = task
         self.extras = extras
@@ -185,6 +215,8 @@ class PrepareStage:
         c = self.columns
         rows = []
         for raw in batch.to_pylist():
+            origin = raw[JSONL_LINE] if self.jsonl else json.dumps(raw, sort_keys=True, default=str)
+            raw, problem = _parse_line(raw) if self.jsonl else (raw, None)
             audio = _text(raw.get(c.audio))
             row: dict[str, Any] = {
                 "id": _text(raw.get(c.id)),
@@ -197,10 +229,10 @@ class PrepareStage:
                 "target_language": _text(raw.get(c.target_language)) or self.task.target_language,
                 "keywords": self.task.keywords + parse_keywords(raw.get(c.keywords)),
             }
-            if row["audio"] is None:
-                row["status"], row["error"] = Status.INVALID_ROW.value, f"row has no {c.audio!r} value"
+            if problem or row["audio"] is None:
+                row["status"], row["error"] = Status.INVALID_ROW.value, problem or f"row has no {c.audio!r} value"
             if row["id"] is None:
-                row["id"] = stable_id(row["audio"] or json.dumps(raw, sort_keys=True, default=str))
+                row["id"] = stable_id(row["audio"] or origin)
             for field in self.extras:
                 value = raw.get(field.name)
                 row[field.name] = _carried(value) if pa.types.is_string(field.type) else value

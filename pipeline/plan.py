@@ -66,7 +66,7 @@ def build_dataset(cfg: JobConfig, manifest_uri: str):
     e = cfg.engine
     ds = read_manifest(manifest_uri, cfg)
     ds = ds.map_batches(
-        PrepareStage(manifest_uri, cfg.input.columns, cfg.task, extras),
+        PrepareStage(manifest_uri, fmt, cfg.input.columns, cfg.task, extras),
         batch_format="pyarrow", batch_size=256, num_cpus=LIGHT_STAGE_CPUS,
     )
     ds = ds.map_batches(
@@ -79,7 +79,6 @@ def build_dataset(cfg: JobConfig, manifest_uri: str):
         compute=ActorPoolStrategy(size=e.replicas),
         batch_format="pyarrow", batch_size=e.batch_size,
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
-        max_restarts=-1, max_task_retries=-1,
     )
     ds = ds.map_batches(
         ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=256, num_cpus=LIGHT_STAGE_CPUS
