@@ -1,9 +1,17 @@
 """Audio in: fetch bytes through fsspec, decode with soundfile, downmix, resample with soxr.
 
 Every failure becomes an :class:`AudioError` carrying the row status it maps to, so the decode
-stage records a reason instead of failing the job. Checks that soundfile does not make itself:
-a WAV whose data chunk is shorter than its header declares (libsndfile decodes it silently),
-zero samples, and NaN / Inf samples.
+stage records a reason instead of failing the job. libsndfile decodes a cut-short file without
+complaint in several formats (it returns fewer samples), so truncation is checked here:
+
+* WAV / RF64: the data chunk's declared size is compared with the bytes present;
+* OGG (Vorbis, Opus): every logical stream must end in a complete end-of-stream page;
+* anything whose header declares a length (MP3's Xing/LAME frame count, FLAC's STREAMINFO):
+  fewer frames decoded than declared;
+* FLAC cut mid-frame: libsndfile itself fails ("flac decoder lost sync").
+
+Decoding runs block by block (downmix and resample per block), so beyond the encoded bytes memory
+follows the mono output, not the multi-channel source.
 """
 
 from __future__ import annotations
@@ -20,6 +28,10 @@ import soxr
 
 from .records import Status
 
+BLOCK_FRAMES = 1 << 19  # source frames decoded per step: ~11 s at 48 kHz, 12 MiB for 6 channels
+_UNKNOWN_SIZE = 0xFFFFFFFF  # 32-bit size field of a streamed WAV or an RF64 file
+_SF_COUNT_MAX = 2**63 - 1  # libsndfile's frame count when the length is unknown
+
 
 class AudioError(Exception):
     """A recording that cannot be used; ``status`` is the row's failure reason."""
@@ -31,7 +43,9 @@ class AudioError(Exception):
 
 @dataclass(frozen=True)
 class DecodedAudio:
-    samples: np.ndarray  # float32, mono, at the target rate
+    """One decoded recording: mono float32 samples at ``sample_rate``, plus what the source was."""
+
+    samples: np.ndarray  # float32, mono, at ``sample_rate``
     sample_rate: int
     source_sample_rate: int
     source_channels: int
@@ -42,34 +56,74 @@ class DecodedAudio:
 
 
 def fetch_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    """The object's bytes; storage failures map to missing_object / access_denied / fetch_error."""
+    """The object's bytes; storage failures map to missing_object / access_denied / fetch_error.
+
+    ``storage_options`` go to ``fsspec.open``; they never appear in error messages.
+    """
     try:
         with fsspec.open(uri, "rb", **(storage_options or {})) as f:
             return f.read()
     except FileNotFoundError as e:
         raise AudioError(Status.MISSING_OBJECT, f"no such object: {uri}") from e
-    except PermissionError as e:
-        raise AudioError(Status.ACCESS_DENIED, f"access denied reading {uri}") from e
     except IsADirectoryError as e:
         raise AudioError(Status.MISSING_OBJECT, f"{uri} is a folder, not an audio object") from e
+    except PermissionError as e:  # s3fs raises this for AccessDenied
+        raise AudioError(Status.ACCESS_DENIED, f"access denied reading {uri}") from e
     except Exception as e:  # noqa: BLE001 - anything else the store raised, after its own retries
         raise AudioError(Status.FETCH_ERROR, f"cannot read {uri}: {type(e).__name__}: {e}") from e
 
 
-def _wav_shortfall(data: bytes) -> tuple[int, int] | None:
-    """(declared, present) data-chunk bytes when a RIFF/WAVE file is cut short, else None."""
+def _wav_truncation(data: bytes) -> str | None:
+    """Why a RIFF/RF64 WAVE file is cut short (declared vs present data bytes), else None."""
     if len(data) < 12 or data[:4] not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
         return None
+    ds64_data_size: int | None = None
     pos = 12
     while pos + 8 <= len(data):
-        chunk, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+        chunk, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        if chunk == b"ds64" and size >= 16 and pos + 24 <= len(data):
+            ds64_data_size = struct.unpack_from("<Q", data, pos + 16)[0]  # after the RIFF size
         if chunk == b"data":
+            if size == _UNKNOWN_SIZE:
+                if ds64_data_size is None:
+                    return None  # streamed WAV: the length is whatever is there
+                size = ds64_data_size
             present = len(data) - (pos + 8)
-            if size != 0xFFFFFFFF and present < size:  # 0xFFFFFFFF: streamed / RF64 size
-                return size, present
+            if present < size:
+                return f"truncated WAV: header declares {size} bytes of audio, {present} present"
             return None
-        pos += 8 + size + (size & 1)
+        pos += 8 + size + (size & 1)  # chunks are padded to an even size
+    return None  # no data chunk reached: libsndfile reports what is wrong
+
+
+def _ogg_truncation(data: bytes) -> str | None:
+    """Why an OGG file is cut short (a page cut off, or a stream with no end page), else None."""
+    if data[:4] != b"OggS":
+        return None
+    open_streams: set[int] = set()
+    pos = 0
+    while pos < len(data):
+        if data[pos : pos + 4] != b"OggS":
+            return None  # not a page boundary: corrupt rather than cut; libsndfile decides
+        if pos + 27 > len(data) or pos + 27 + data[pos + 26] > len(data):
+            return f"truncated OGG: page header cut off at byte {pos}"
+        flags, serial, n_segments = data[pos + 5], struct.unpack_from("<I", data, pos + 14)[0], data[pos + 26]
+        end = pos + 27 + n_segments + sum(data[pos + 27 : pos + 27 + n_segments])
+        if end > len(data):
+            return f"truncated OGG: page at byte {pos} needs {end - pos} bytes, {len(data) - pos} present"
+        if flags & 0x02:  # beginning of stream
+            open_streams.add(serial)
+        if flags & 0x04:  # end of stream
+            open_streams.discard(serial)
+        pos = end
+    if open_streams:
+        return "truncated OGG: stream ends without its end-of-stream page"
     return None
+
+
+def _sndfile_message(error: Exception) -> str:
+    # LibsndfileError's str() names the BytesIO object ("Error opening <_io.BytesIO at 0x...>").
+    return getattr(error, "error_string", None) or str(error)
 
 
 def decode_audio(
@@ -80,36 +134,78 @@ def decode_audio(
     quality: str = "HQ",
     max_duration_s: float | None = None,
 ) -> DecodedAudio:
-    """Decode any format libsndfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3, ...) to mono float32."""
+    """Decode any format libsndfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3, ...) to mono float32.
+
+    Channels are averaged; the result is resampled to ``target_rate`` with soxr's ``quality``
+    preset. Integer PCM is scaled to [-1, 1]; float sources are passed through unscaled.
+    ``name`` only labels error messages. Raises :class:`AudioError` with status
+    decode_error (undecodable or truncated), empty_audio, invalid_audio (NaN / Inf) or too_long
+    (checked from the header before decoding where the header declares a length).
+    """
     label = name or "audio"
     if not data:
         raise AudioError(Status.EMPTY_AUDIO, f"{label}: zero-length object")
-    shortfall = _wav_shortfall(data)
-    if shortfall:
-        raise AudioError(
-            Status.DECODE_ERROR,
-            f"{label}: truncated WAV: header declares {shortfall[0]} bytes of audio, {shortfall[1]} present",
-        )
+    truncation = _wav_truncation(data) or _ogg_truncation(data)
+    if truncation:
+        raise AudioError(Status.DECODE_ERROR, f"{label}: {truncation}")
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            rate, channels, frames = f.samplerate, f.channels, f.frames
-            if max_duration_s is not None and frames > 0 and frames / rate > max_duration_s:
-                raise AudioError(Status.TOO_LONG, f"{label}: {frames / rate:.1f} s is longer than {max_duration_s:g} s")
-            samples = f.read(dtype="float32", always_2d=True)
-    except AudioError:
-        raise
-    except Exception as e:  # noqa: BLE001 - libsndfile's errors are all "not decodable"
-        raise AudioError(Status.DECODE_ERROR, f"{label}: cannot decode: {e}") from e
-    if samples.shape[0] == 0:
+            rate, channels, declared = f.samplerate, f.channels, f.frames
+            if declared != _SF_COUNT_MAX:
+                _check_duration(label, declared, rate, max_duration_s)
+            mono, n_read = _decode_mono(f, label, rate, channels, target_rate, quality, max_duration_s)
+    except sf.SoundFileError as e:  # libsndfile's errors all mean "not decodable"
+        reason = _sndfile_message(e)
+        raise AudioError(Status.DECODE_ERROR, f"{label}: cannot decode (corrupt or truncated?): {reason}") from e
+    if n_read == 0:
         raise AudioError(Status.EMPTY_AUDIO, f"{label}: decodes to zero samples")
-    if not np.isfinite(samples).all():
-        raise AudioError(Status.INVALID_AUDIO, f"{label}: samples contain NaN or Inf")
-    mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
+    # MP3 (Xing/LAME header) and FLAC (STREAMINFO) declare their length; WAV's is fixed up by
+    # libsndfile, so the RIFF walk above covers it. The slack absorbs encoder delay rounding.
+    if declared != _SF_COUNT_MAX and declared - n_read > max(declared // 100, rate // 10):
+        raise AudioError(
+            Status.DECODE_ERROR, f"{label}: truncated: header declares {declared} frames, {n_read} decoded"
+        )
+    if len(mono) == 0:
+        raise AudioError(Status.EMPTY_AUDIO, f"{label}: {n_read} source frames make no samples at {target_rate} Hz")
+    return DecodedAudio(samples=mono, sample_rate=target_rate, source_sample_rate=rate, source_channels=channels)
+
+
+def _check_duration(label: str, frames: int, rate: int, max_duration_s: float | None) -> None:
+    if max_duration_s is not None and frames / rate > max_duration_s:
+        raise AudioError(Status.TOO_LONG, f"{label}: {frames / rate:.1f} s is longer than {max_duration_s:g} s")
+
+
+def _decode_mono(
+    f: sf.SoundFile,
+    label: str,
+    rate: int,
+    channels: int,
+    target_rate: int,
+    quality: str,
+    max_duration_s: float | None,
+) -> tuple[np.ndarray, int]:
+    """(mono float32 at target_rate, source frames read), block by block."""
+    stream = None
     if rate != target_rate:
-        mono = soxr.resample(mono, rate, target_rate, quality=quality).astype(np.float32, copy=False)
-    return DecodedAudio(np.ascontiguousarray(mono), target_rate, rate, channels)
+        stream = soxr.ResampleStream(rate, target_rate, 1, dtype="float32", quality=quality)
+    parts: list[np.ndarray] = []
+    n_read = 0
+    while True:
+        block = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+        if len(block) == 0:
+            break
+        n_read += len(block)
+        _check_duration(label, n_read, rate, max_duration_s)  # headers can under-declare
+        if not np.isfinite(block).all():
+            raise AudioError(Status.INVALID_AUDIO, f"{label}: samples contain NaN or Inf")
+        mono = block.mean(axis=1, dtype=np.float32) if channels > 1 else block[:, 0]
+        parts.append(stream.resample_chunk(mono, last=False) if stream else mono)
+    if stream:
+        parts.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
+    samples = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return np.ascontiguousarray(samples, dtype=np.float32), n_read
 
 
 def load_audio(uri: str, storage_options: dict[str, Any] | None = None, **decode_kwargs: Any) -> DecodedAudio:
-    """Fetch and decode one recording."""
+    """Fetch and decode one recording (``decode_kwargs`` go to :func:`decode_audio`)."""
     return decode_audio(fetch_bytes(uri, storage_options), name=uri, **decode_kwargs)

@@ -113,19 +113,24 @@ def _jsonl_columns(lines: list[bytes], uri: str) -> pa.Schema:
 
 
 def extra_fields(schema: pa.Schema, fmt: str, columns: ColumnsConfig) -> list[pa.Field]:
-    """Carried-through columns: Parquet keeps its types; CSV and JSONL values travel as text."""
+    """Carried-through columns: Parquet keeps its types; CSV and JSONL values travel as text.
+
+    A column whose name is taken by an output column (``duration_s``, ``text``, ...) is carried
+    as ``input_<name>`` rather than dropped.
+    """
     mapped = set(columns.model_dump().values())
     fields = []
     for field in schema:
         if field.name in mapped:
             continue
-        if field.name in TRANSCRIPT_COLUMNS:
-            raise ManifestError(
-                f"manifest column {field.name!r} clashes with an output column; rename it or map it in input.columns"
-            )
         keep = fmt == "parquet" and not pa.types.is_null(field.type)
-        fields.append(pa.field(field.name, field.type if keep else pa.string()))
+        fields.append(pa.field(carried_name(field.name), field.type if keep else pa.string(), metadata={"source": field.name}))
     return fields
+
+
+def carried_name(name: str) -> str:
+    """A manifest column's name in the output: ``input_<name>`` where it clashes with an output column."""
+    return f"input_{name}" if name in TRANSCRIPT_COLUMNS or name in ("samples", "keywords") else name
 
 
 def read_manifest(uri: str, cfg: JobConfig):
@@ -234,7 +239,7 @@ class PrepareStage:
             if row["id"] is None:
                 row["id"] = stable_id(row["audio"] or origin)
             for field in self.extras:
-                value = raw.get(field.name)
+                value = raw.get(field.metadata[b"source"].decode())
                 row[field.name] = _carried(value) if pa.types.is_string(field.type) else value
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=self.schema)

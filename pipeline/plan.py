@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +60,14 @@ def init_ray(cfg: JobConfig) -> None:
 
 def build_dataset(cfg: JobConfig, manifest_uri: str):
     """The lazy Ray Dataset of output rows, and the output schema."""
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    # Ray Data's own per-operator progress is for people at a terminal; unattended runs get
+    # quarry's periodic progress lines instead.
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     fmt = detect_format(manifest_uri, cfg.input.format)
     extras = extra_fields(read_manifest_schema(manifest_uri, cfg), fmt, cfg.input.columns)

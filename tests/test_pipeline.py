@@ -36,7 +36,7 @@ def clips(tmp_path):
 def test_every_row_comes_out_once_with_its_own_audio_and_carried_columns(ray_session, clips, tmp_path):
     rows, folder = clips
     manifest = write_jsonl(folder / "m.jsonl", [
-        {"id": r["id"], "audio": r["audio"], "reference": r["reference"], "language": "en", "speaker": f"spk{i}", "score": i}
+        {"id": r["id"], "audio": r["audio"], "reference": r["reference"], "language": "en", "speaker": f"spk{i}", "score": i, "duration_s": "claimed"}
         for i, r in enumerate(rows)
     ])
     result = run_job(fake_cfg(), str(manifest), str(tmp_path / "out"))
@@ -48,6 +48,7 @@ def test_every_row_comes_out_once_with_its_own_audio_and_carried_columns(ray_ses
         assert out.loc[r["id"], "text"] == FakeEngine.fingerprint(samples)  # right audio on the right row
         assert out.loc[r["id"], "speaker"] == f"spk{i}" and out.loc[r["id"], "score"] == str(i)
         assert out.loc[r["id"], "duration_s"] == pytest.approx(r["duration_s"], abs=0.01)
+        assert out.loc[r["id"], "input_duration_s"] == "claimed"  # a clashing column is kept, renamed
     assert (out["status"] == "ok").all() and out["wer"].notna().all()
     assert result.summary["n_input"] == result.summary["n_ok"] == len(rows)
 

