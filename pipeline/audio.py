@@ -21,12 +21,13 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
+import fsspec  # noqa: F401 - storage.read_bytes opens through fsspec.open (tests patch it here)
 import numpy as np
 import soundfile as sf
 import soxr
 
 from .records import Status
+from .storage import DEFAULT_RETRY, RetryPolicy, is_transient, read_bytes
 
 BLOCK_FRAMES = 1 << 19  # source frames decoded per step: ~11 s at 48 kHz, 12 MiB for 6 channels
 _UNKNOWN_SIZE = 0xFFFFFFFF  # 32-bit size field of a streamed WAV or an RF64 file
@@ -55,22 +56,24 @@ class DecodedAudio:
         return len(self.samples) / self.sample_rate
 
 
-def fetch_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+def fetch_bytes(uri: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy = DEFAULT_RETRY) -> bytes:
     """The object's bytes; storage failures map to missing_object / access_denied / fetch_error.
 
-    ``storage_options`` go to ``fsspec.open``; they never appear in error messages.
+    Transient faults (throttling, 5xx, connection resets) are retried as ``retry`` says
+    (:func:`pipeline.storage.read_bytes`); a missing object or a refusal fails at once.
+    ``storage_options`` go to fsspec; they never appear in error messages.
     """
     try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-            return f.read()
+        return read_bytes(uri, storage_options, retry)
     except FileNotFoundError as e:
         raise AudioError(Status.MISSING_OBJECT, f"no such object: {uri}") from e
     except IsADirectoryError as e:
         raise AudioError(Status.MISSING_OBJECT, f"{uri} is a folder, not an audio object") from e
     except PermissionError as e:  # s3fs raises this for AccessDenied
         raise AudioError(Status.ACCESS_DENIED, f"access denied reading {uri}") from e
-    except Exception as e:  # noqa: BLE001 - anything else the store raised, after its own retries
-        raise AudioError(Status.FETCH_ERROR, f"cannot read {uri}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - anything else the store raised, after the retries
+        again = " (transient; gave up after the retries)" if is_transient(e) else ""
+        raise AudioError(Status.FETCH_ERROR, f"cannot read {uri}: {type(e).__name__}: {e}{again}") from e
 
 
 def _wav_truncation(data: bytes) -> str | None:

@@ -60,7 +60,7 @@ def _manifest_requests(cfg: JobConfig, manifest_uri: str):
 def engine_alone(cfg: JobConfig, requests, batch_size: int) -> BenchRow:
     from .engines import load_engine
 
-    engine = load_engine(cfg.engine)
+    engine = load_engine(cfg.engine, cfg.task)
     engine.transcribe(requests[:1])  # warm-up: first-call costs are start-up, not throughput
     started = time.perf_counter()
     n_ok = 0

@@ -119,5 +119,66 @@ def _report(s: dict, summary_uri: str) -> str:
     return "\n".join(lines)
 
 
+# --- quarry report / quarry export: read a finished output; they never start Ray ------------------
+
+
+@main.command("report")
+@click.argument("output")
+@click.option("--group-by", "group_by", multiple=True, metavar="COLUMN",
+              help="Also break the error rate down by this transcript column, e.g. a carried-through manifest "
+                   "column such as dataset or speaker. Repeatable.")
+@click.option("--worst", default=20, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="How many of the highest-error rows to show, aligned word by word against their reference.")
+def report_command(output: str, group_by: tuple[str, ...], worst: int) -> None:
+    """Write OUTPUT/report.html: one self-contained page about a job's results.
+
+    It holds the headline figures (rows, ok and failed, audio hours, RTFx), corpus WER / CER per
+    language from summed counts, the error rate by each --group-by column, failures by reason,
+    a duration histogram, throughput over time, the worst rows with reference and hypothesis
+    aligned (substitutions, deletions, insertions coloured), and the job's configuration.
+    The page has no scripts and loads nothing from the network; open it in any browser.
+
+    OUTPUT is the folder a `quarry run --output` wrote (local or s3://).
+    """
+    from .report import ReportError, write_report
+
+    try:
+        click.echo(write_report(output, group_by=list(group_by), worst=worst))
+    except (ReportError, OSError) as e:
+        _fail(str(e))
+
+
+@main.command("export")
+@click.argument("output")
+@click.option("--format", "fmt", required=True, type=click.Choice(["lhotse", "nemo", "hf"]),
+              help="lhotse: a cuts manifest (JSONL, for CutSet.from_jsonl). nemo: a NeMo ASR manifest (JSONL with "
+                   "audio_filepath, duration, text, lang). hf: a Parquet file for datasets.load_dataset('parquet', "
+                   "...) with an Audio column of paths.")
+@click.option("--dest", required=True, metavar="URI",
+              help="File to write (local or s3://). A JSONL destination ending in .gz is gzipped.")
+@click.option("--min-avg-logprob", type=float, metavar="X",
+              help="Keep rows whose avg_logprob (the engine's confidence) is at least X, e.g. -0.5.")
+@click.option("--min-duration", "min_duration_s", type=float, metavar="SECONDS", help="Keep rows at least this long.")
+@click.option("--max-duration", "max_duration_s", type=float, metavar="SECONDS", help="Keep rows at most this long.")
+@click.option("--language", "languages", multiple=True, metavar="CODE",
+              help="Keep rows whose text is in this language (the target language for translations). Repeatable.")
+def export_command(output: str, fmt: str, dest: str, min_avg_logprob: float | None, min_duration_s: float | None,
+                   max_duration_s: float | None, languages: tuple[str, ...]) -> None:
+    """Export the transcribed rows of OUTPUT for a training or labelling tool.
+
+    Only rows with status ok are exported; the options narrow them further. Audio is not copied:
+    every format points at the audio URIs the job read. Prints how many rows went where.
+    """
+    from .exports import ExportError, export
+    from .report import ReportError
+
+    try:
+        result = export(output, fmt, dest, min_avg_logprob=min_avg_logprob, min_duration_s=min_duration_s,
+                        max_duration_s=max_duration_s, languages=list(languages) or None)
+    except (ExportError, ReportError, OSError) as e:
+        _fail(str(e))
+    click.echo(f"{result.count} rows -> {result.path}")
+
+
 if __name__ == "__main__":
     main()

@@ -95,19 +95,34 @@ class VllmOptions(_Section):
     temperature: float = Field(0.0, ge=0, description="0 = greedy.")
 
 
+DEFAULT_MODELS = {"whisper": "tiny.en", "vllm": "ibm-granite/granite-4.0-1b-speech", "fake": "fake"}
+"""The model each engine runs when ``engine.model`` is not given."""
+
+
 class EngineConfig(_Section):
     name: Literal["whisper", "vllm", "fake"] = Field("whisper", description="Which engine runs.")
-    model: str = Field(
-        "tiny.en",
-        description="Model name or path. whisper: tiny.en / base (offline packages) or any "
-        "CTranslate2 path or hub name; vllm: a hub name or local checkpoint.",
+    model: str | None = Field(
+        None,
+        validate_default=True,
+        description="Model name or path; null = the engine's default (DEFAULT_MODELS). whisper: "
+        "tiny.en / base (offline packages) or any CTranslate2 path or hub name; vllm: a hub name "
+        "or a local checkpoint folder.",
     )
-    replicas: int = Field(1, ge=1, description="Actors, one model replica each.")
+    replicas: int | None = Field(
+        None, ge=1,
+        description="Actors, one model replica each; null = one per gpus_per_replica GPUs in the "
+        "cluster when gpus_per_replica > 0, else 1.",
+    )
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1, description="Rows per engine call.")
     whisper: WhisperOptions = WhisperOptions()
     vllm: VllmOptions = VllmOptions()
+
+    @field_validator("model")
+    @classmethod
+    def _default_model(cls, value: str | None, info) -> str:
+        return value or DEFAULT_MODELS[info.data.get("name", "whisper")]
 
 
 class TaskConfig(_Section):

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .config import JobConfig
+from .config import EngineConfig, JobConfig
 from .manifest import PrepareStage, detect_format, extra_fields, read_manifest, read_manifest_schema
 from .output import JobTally, TranscriptWriter, build_summary, write_summary
 from .records import transcript_schema
@@ -58,6 +58,21 @@ def init_ray(cfg: JobConfig) -> None:
     )
 
 
+def engine_replicas(e: EngineConfig) -> int:
+    """``engine.replicas``, or by default one replica per ``gpus_per_replica`` GPUs in the cluster
+    (1 on machines without GPUs). Call after Ray is initialised."""
+    if e.replicas:
+        return e.replicas
+    if e.gpus_per_replica <= 0:
+        return 1
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < e.gpus_per_replica:
+        raise RuntimeError(f"engine.gpus_per_replica={e.gpus_per_replica} but the Ray cluster has {gpus:g} GPUs")
+    return int(gpus // e.gpus_per_replica)
+
+
 def build_dataset(cfg: JobConfig, manifest_uri: str):
     """The lazy Ray Dataset of output rows, and the output schema."""
     from ray.data import ActorPoolStrategy, DataContext
@@ -83,8 +98,8 @@ def build_dataset(cfg: JobConfig, manifest_uri: str):
     )
     ds = ds.map_batches(
         InferenceStage,
-        fn_constructor_kwargs={"engine": e, "extras": extras},
-        compute=ActorPoolStrategy(size=e.replicas),
+        fn_constructor_kwargs={"engine": e, "extras": extras, "task": cfg.task},
+        compute=ActorPoolStrategy(size=engine_replicas(e)),
         batch_format="pyarrow", batch_size=e.batch_size,
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
     )

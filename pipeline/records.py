@@ -1,15 +1,12 @@
 """Typed records and the one output schema every writer and test uses.
 
-A manifest row becomes an :class:`Utterance`; every stage either passes it on or marks it failed
-with a :class:`Status` and a message. Nothing drops a row.
+Every stage either passes a row on or marks it failed with a :class:`Status` and a message.
+Nothing drops a row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
-
 import pyarrow as pa
 
 
@@ -32,20 +29,6 @@ class Status(str, Enum):
         return self.value
 
 
-@dataclass(frozen=True)
-class Utterance:
-    """One manifest row, resolved: what to transcribe and how."""
-
-    id: str
-    audio: str  # absolute URI
-    reference: str | None = None
-    language: str | None = None
-    task: str = "transcribe"
-    target_language: str | None = None
-    keywords: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)  # carried-through manifest columns
-
-
 # Columns every output row has, in this order, before the carried-through manifest columns.
 TRANSCRIPT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("id", pa.string(), nullable=False),
@@ -64,6 +47,8 @@ TRANSCRIPT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("model", pa.string()),
     pa.field("avg_logprob", pa.float64()),
     pa.field("inference_s", pa.float64()),  # this row's share of its batch's engine wall time
+    pa.field("finished_at", pa.timestamp("ms", tz="UTC")),  # when its engine batch finished
+    pa.field("prompt", pa.string()),  # the rendered prompt (prompted engines), for audit
     pa.field("metric", pa.string()),  # "wer" or "cer"
     pa.field("normalizer", pa.string()),
     pa.field("ref_words", pa.int64()),  # reference units: words, or characters for CER languages

@@ -7,13 +7,14 @@ Every stage keeps every row: a failure sets ``status`` / ``error`` and later sta
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from .audio import AudioError, load_audio
-from .config import AudioConfig, EngineConfig, ScoringConfig
+from .config import AudioConfig, EngineConfig, ScoringConfig, TaskConfig
 from .engines import EngineRequest, EngineResult, load_engine
 from .manifest import PREPARED_FIELDS
 from .records import Status, transcript_schema
@@ -33,6 +34,8 @@ INFERRED_FIELDS = (
     pa.field("model", pa.string()),
     pa.field("avg_logprob", pa.float64()),
     pa.field("inference_s", pa.float64()),
+    pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
+    pa.field("prompt", pa.string()),
 )
 
 
@@ -69,15 +72,20 @@ class DecodeStage:
 
 
 class InferenceStage:
-    """Runs the engine (one replica per actor). Replaces ``samples`` with INFERRED_FIELDS."""
+    """Runs the engine (one replica per actor). Replaces ``samples`` with INFERRED_FIELDS.
 
-    def __init__(self, engine: EngineConfig, extras: list[pa.Field]):
-        self.engine = load_engine(engine)  # once per actor, never per batch
+    A batch goes to the engine in ONE call, longest clip first: engines that pad a batch to its
+    longest clip (Whisper's encoder, Granite's) or schedule in arrival order (vLLM) then work on
+    clips of similar length together. Results are mapped back to their rows by position.
+    """
+
+    def __init__(self, engine: EngineConfig, extras: list[pa.Field], task: TaskConfig | None = None):
+        self.engine = load_engine(engine, task)  # once per actor, never per batch
         self.schema = pa.schema(list(PREPARED_FIELDS) + list(DECODED_FIELDS[:-1]) + list(INFERRED_FIELDS) + list(extras))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        todo = [row for row in rows if row["status"] == OK]
+        todo = sorted((row for row in rows if row["status"] == OK), key=lambda r: -len(r["samples"]))
         requests = [
             EngineRequest(
                 id=row["id"],
@@ -92,13 +100,16 @@ class InferenceStage:
         started = time.perf_counter()
         results = self._run(requests) if requests else []
         elapsed = time.perf_counter() - started
+        finished_at = datetime.now(timezone.utc)
         if len(results) != len(requests):
             raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
         total_s = sum(r.duration_s for r in requests) or 1.0
         for row, req, res in zip(todo, requests, results, strict=True):
             row["text"] = res.text
             row["avg_logprob"] = res.avg_logprob
+            row["prompt"] = res.prompt
             row["inference_s"] = elapsed * req.duration_s / total_s
+            row["finished_at"] = finished_at
             if res.status != OK:
                 row["status"], row["error"] = res.status, res.error
             elif res.language and not row["language"]:

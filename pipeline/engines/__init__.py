@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..config import EngineConfig
+from ..config import EngineConfig, TaskConfig
 from .base import SAMPLE_RATE_HZ, Engine, EngineRequest, EngineResult
 
 
@@ -16,30 +16,35 @@ class EngineUnavailable(RuntimeError):
     """The engine or its model cannot be loaded here; the message says what is missing."""
 
 
-def _whisper(cfg: EngineConfig) -> Engine:
+def _whisper(cfg: EngineConfig, task: TaskConfig) -> Engine:
     from .whisper import WhisperEngine
 
     return WhisperEngine(cfg.model, cfg.whisper, cpus=cfg.cpus_per_replica)
 
 
-def _vllm(cfg: EngineConfig) -> Engine:
+def _vllm(cfg: EngineConfig, task: TaskConfig) -> Engine:
+    from .prompts import KeywordLimits
     from .vllm import VllmEngine
 
-    return VllmEngine(cfg.model, cfg.vllm, device="cuda" if cfg.gpus_per_replica > 0 else "cpu")
+    limits = KeywordLimits(max_keywords=task.max_keywords, max_chars=task.max_keyword_chars)
+    return VllmEngine(cfg.model, cfg.vllm, device="cuda" if cfg.gpus_per_replica > 0 else "cpu",
+                      keyword_limits=limits)
 
 
-def _fake(cfg: EngineConfig) -> Engine:
+def _fake(cfg: EngineConfig, task: TaskConfig) -> Engine:
     from .fake import FakeEngine
 
     return FakeEngine(cfg.model)
 
 
-ENGINES: dict[str, Callable[[EngineConfig], Engine]] = {"whisper": _whisper, "vllm": _vllm, "fake": _fake}
+ENGINES: dict[str, Callable[[EngineConfig, TaskConfig], Engine]] = {
+    "whisper": _whisper, "vllm": _vllm, "fake": _fake,
+}
 
 
-def load_engine(cfg: EngineConfig) -> Engine:
+def load_engine(cfg: EngineConfig, task: TaskConfig | None = None) -> Engine:
     """Load the configured engine once (call in a worker's setup, never per batch)."""
-    return ENGINES[cfg.name](cfg)
+    return ENGINES[cfg.name](cfg, task or TaskConfig())
 
 
 __all__ = ["Engine", "EngineRequest", "EngineResult", "EngineUnavailable", "SAMPLE_RATE_HZ", "load_engine"]

@@ -41,6 +41,7 @@ class EngineResult:
     error: str | None = None
     language: str | None = None  # language the engine used or detected
     avg_logprob: float | None = None  # mean token log-probability, a confidence proxy
+    prompt: str | None = None  # the rendered prompt, for engines that take one
     extra: dict = field(default_factory=dict)
 
 

@@ -2,18 +2,24 @@
 
 Its text is a fingerprint of the audio, so different audio gives different text and tests can
 check that results land on the right rows. Test hooks: a request whose id starts with
-``fail-engine`` raises (as a broken model call would); one with language ``xx`` is unsupported.
+``fail-engine`` raises (as a broken model call would); one whose id starts with ``slow-engine``
+takes ``SLOW_S`` seconds (so a test can act while the engine is busy, e.g. kill its actor); one
+with language ``xx`` is unsupported.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Sequence
 
 import numpy as np
 
 from ..records import Status
 from .base import EngineRequest, EngineResult
+
+
+SLOW_S = 0.25  # seconds a ``slow-engine*`` request takes
 
 
 class FakeEngine:
@@ -32,6 +38,8 @@ class FakeEngine:
         for req in requests:
             if req.id.startswith("fail-engine"):
                 raise RuntimeError(f"fake engine failure for {req.id}")
+            if req.id.startswith("slow-engine"):
+                time.sleep(SLOW_S)
             if req.language == "xx":
                 results.append(EngineResult(None, Status.UNSUPPORTED_TASK.value, "language 'xx' is not supported"))
                 continue

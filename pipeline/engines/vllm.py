@@ -225,7 +225,7 @@ class VllmEngine:
             slots.append(i)
         self.last_prompts = prompts
         for i, output in zip(slots, self._generate(inputs, params), strict=True):
-            results[i] = self._result(requests[i], output)
+            results[i] = self._result(requests[i], output, prompts[i])
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             raise RuntimeError(f"vllm engine produced no result for requests {missing}")
@@ -249,11 +249,11 @@ class VllmEngine:
         except ValueError as e:
             return e
 
-    def _result(self, req: EngineRequest, output: Any) -> EngineResult:
+    def _result(self, req: EngineRequest, output: Any, prompt: str | None) -> EngineResult:
         language = normalize_language(req.language)
         if isinstance(output, Exception):
             return EngineResult(None, Status.INFERENCE_ERROR.value, f"vLLM rejected the request: {output}",
-                                language=language)
+                                language=language, prompt=prompt)
         completion = output.outputs[0]
         token_ids = list(completion.token_ids)
         logprobs = [step[tok].logprob for tok, step in zip(token_ids, completion.logprobs or []) if tok in step]
@@ -263,4 +263,4 @@ class VllmEngine:
             "output_tokens": len(token_ids),
             "finish_reason": completion.finish_reason,
         }
-        return EngineResult(completion.text.strip(), language=language, avg_logprob=avg, extra=extra)
+        return EngineResult(completion.text.strip(), language=language, avg_logprob=avg, prompt=prompt, extra=extra)
