@@ -37,7 +37,9 @@ def main(verbose: bool) -> None:
               help="YAML job config; without it the embedded default (local Ray, offline CPU engine) applies.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override any config key, e.g. --set engine.name=whisper --set engine.model=base. Repeatable.")
-@click.option("--overwrite", is_flag=True, help="Replace results already at OUTPUT.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete results already at OUTPUT first. Without it, a rerun of the same job resumes "
+                   "(rows already written are skipped) and another job's output is refused.")
 def run(manifest: str, output: str, config_path: str | None, overrides: tuple[str, ...], overwrite: bool) -> None:
     """Transcribe every row of MANIFEST into OUTPUT.
 

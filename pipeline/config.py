@@ -150,8 +150,17 @@ class ScoringConfig(_Section):
 
 class OutputConfig(_Section):
     rows_per_file: int = Field(10_000, ge=1, description="Parquet rows per output file (at most).")
+    flush_interval_s: float = Field(
+        60.0, gt=0, description="Commit pending rows at least this often: a crash loses at most this much work."
+    )
+    progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines in the log.")
     max_failed_fraction: float = Field(
         1.0, ge=0, le=1, description="Exit non-zero when failed rows exceed this share of input."
+    )
+    budget_min_rows: int = Field(
+        200, ge=1,
+        description="Stop a job early once at least this many rows are done and the failed share "
+        "exceeds max_failed_fraction (completed rows are kept; a rerun resumes).",
     )
 
 

@@ -14,6 +14,7 @@ import os
 import posixpath
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -208,7 +209,12 @@ def _parse_line(raw: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
 class PrepareStage:
     """Raw manifest batch -> resolved utterance rows with the prepared schema."""
 
-    def __init__(self, manifest_uri: str, fmt: str, columns: ColumnsConfig, task: TaskConfig, extras: list[pa.Field]):
+    def __init__(self, manifest_uri: str, fmt: str, columns: ColumnsConfig, task: TaskConfig, extras: list[pa.Field],
+                 skip_ids: Any = None):
+        """``skip_ids``: sorted uint64 id hashes (or a Ray object ref to them) of rows an earlier
+        attempt already committed; those rows are left out (resume)."""
+        self.skip_ids = skip_ids
+        self._skip: np.ndarray | None = None
         self.manifest_dir = parent_uri(manifest_uri)
         self.jsonl = fmt == "jsonl"
         self.columns = columns
@@ -242,4 +248,22 @@ class PrepareStage:
                 value = raw.get(field.metadata[b"source"].decode())
                 row[field.name] = _carried(value) if pa.types.is_string(field.type) else value
             rows.append(row)
+        if self.skip_ids is not None and rows:
+            rows = [row for row, done in zip(rows, self._committed([r["id"] for r in rows])) if not done]
         return pa.Table.from_pylist(rows, schema=self.schema)
+
+    def _committed(self, ids: list[str]) -> np.ndarray:
+        from .output import id_hashes
+
+        if self._skip is None:
+            skip = self.skip_ids
+            if not isinstance(skip, np.ndarray):  # a Ray object ref, fetched once per worker
+                import ray
+
+                skip = ray.get(skip)
+            self._skip = skip
+        if not len(self._skip):
+            return np.zeros(len(ids), dtype=bool)
+        hashes = id_hashes(ids)
+        at = np.minimum(np.searchsorted(self._skip, hashes), len(self._skip) - 1)
+        return self._skip[at] == hashes

@@ -2,20 +2,24 @@
 
 The driver is the sink: it receives already-transcribed batches (text only, no audio), writes them
 in parts of at most ``rows_per_file`` rows, and keeps running totals. It holds one part's rows
-at a time, never the job. Each part is written under a temporary name and then moved into place,
-so a reader never sees half a file.
+at a time, never the job (plus an 8-byte hash per id, to mark duplicate ids). Each part is
+written under a temporary name and then moved into place, so a reader never sees half a file,
+and a rerun resumes from the committed parts (see :class:`TranscriptWriter`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .records import Status
@@ -24,49 +28,142 @@ from .storage import join_uri, url_to_fs
 
 
 class OutputExistsError(RuntimeError):
-    """The output already holds a job's results and overwrite was not asked for."""
+    """The output holds another job's results and overwrite was not asked for."""
+
+
+JOB_MARKER = "_quarry_job.json"  # which job owns this output, and how many attempts it has had
+
+
+def id_hashes(ids: list[str | None]) -> np.ndarray:
+    """8-byte hashes of row ids (uint64): how committed and seen ids are kept compactly."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b((i or "").encode(), digest_size=8).digest(), "little") for i in ids),
+        dtype=np.uint64, count=len(ids),
+    )
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What an output already holds when a job (re)starts."""
+
+    attempt: int  # 1 for a fresh output, 2+ for a rerun that resumes
+    committed_files: int
+    committed_rows: int
+    committed_ids: np.ndarray  # sorted uint64 hashes of the ids already written
 
 
 class TranscriptWriter:
-    """Writes ``<output>/transcripts/part-NNNNN.parquet`` files from a stream of batches."""
+    """Writes ``<output>/transcripts/part-AAA-NNNNN.parquet`` files from a stream of batches.
 
-    def __init__(self, output_uri: str, schema: pa.Schema, storage_options: dict[str, Any], rows_per_file: int):
+    Exactly once, resumably: each part is written under a temporary name and moved into place, so
+    a part that exists is complete (the part is the unit of commit). A rerun of the same job (same
+    manifest and result-affecting config, recorded in ``_quarry_job.json``) finds the committed
+    ids, the job skips them, and new parts carry the next attempt number, so nothing is written
+    twice. Pending rows are committed every ``rows_per_file`` rows or ``flush_interval_s``
+    seconds, whichever comes first: a crash loses at most that much finished work.
+    """
+
+    def __init__(self, output_uri: str, schema: pa.Schema, storage_options: dict[str, Any], rows_per_file: int,
+                 flush_interval_s: float = 60.0):
         self.output_uri = output_uri
         self.schema = schema
         self.rows_per_file = rows_per_file
+        self.flush_interval_s = flush_interval_s
         self.fs, self.root = url_to_fs(output_uri, storage_options)
         self.dir = self.root.rstrip("/") + "/transcripts"
+        self.marker = self.root.rstrip("/") + "/" + JOB_MARKER
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
-        self.files: list[str] = []
+        self._last_flush = time.monotonic()
+        self._seen = set()  # id hashes written by this attempt, to mark duplicate ids
+        self.attempt = 1
+        self.files: list[str] = []  # parts written by this attempt
 
-    def prepare(self, overwrite: bool) -> None:
-        """Refuse to mix with an earlier job's output unless ``overwrite``; then clear it."""
-        existing = [p for p in (self.dir, self.root.rstrip("/") + "/summary.json") if self.fs.exists(p)]
-        if existing and not overwrite:
+    def prepare(self, overwrite: bool, job_key: dict[str, Any] | None = None) -> ResumeState:
+        """Claim the output for the job described by ``job_key``; return what is already there.
+
+        An output of the same job is resumed; an output of another job (or of an unknown one) is
+        refused unless ``overwrite``, which deletes it first.
+        """
+        summary = self.root.rstrip("/") + "/summary.json"
+        existing = [p for p in (self.dir, summary, self.marker) if self.fs.exists(p)]
+        job_key = job_key or {}
+        previous = self._read_marker() if self.fs.exists(self.marker) else None
+        if existing and overwrite:
+            for path in existing:
+                self.fs.rm(path, recursive=True)
+            existing, previous = [], None
+        elif existing and (previous is None or previous.get("job") != job_key):
+            what = "another job's" if previous else "results of unknown origin"
             raise OutputExistsError(
-                f"output {self.output_uri} already holds results ({', '.join(existing)}); pass --overwrite to replace them"
+                f"output {self.output_uri} holds {what} ({', '.join(existing)}); a rerun resumes only the same "
+                "manifest with the same engine, task and scoring settings; pass --overwrite to replace it"
             )
-        for path in existing:
-            self.fs.rm(path, recursive=True)
         self.fs.makedirs(self.dir, exist_ok=True)
+        for leftover in self.fs.glob(f"{self.dir}/_tmp-*"):  # an interrupted write, never committed
+            self.fs.rm(leftover)
+        parts = self.committed_parts()
+        ids = self._read_ids(parts)
+        self.attempt = (previous or {}).get("attempts", 0) + 1
+        with self.fs.open(self.marker, "w") as f:
+            json.dump({"job": job_key, "attempts": self.attempt}, f, indent=2)
+        return ResumeState(self.attempt, len(parts), len(ids), np.unique(id_hashes(ids)))
 
-    def write(self, batch: pa.Table) -> None:
-        self._pending.append(batch.cast(self.schema))
+    def committed_parts(self) -> list[str]:
+        return sorted(self.fs.glob(f"{self.dir}/part-*.parquet"))
+
+    def _read_marker(self) -> dict[str, Any]:
+        with self.fs.open(self.marker, "r") as f:
+            return json.load(f)
+
+    def _read_ids(self, parts: list[str]) -> list[str]:
+        ids: list[str] = []
+        for path in parts:
+            with self.fs.open(path, "rb") as f:
+                ids.extend(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+        return ids
+
+    def write(self, batch: pa.Table) -> pa.Table:
+        """Queue ``batch`` for writing; returns it as written (duplicate ids marked)."""
+        batch = self._mark_duplicates(batch.cast(self.schema))
+        self._pending.append(batch)
         self._pending_rows += batch.num_rows
         while self._pending_rows >= self.rows_per_file:
             table = pa.concat_tables(self._pending)
             self._flush(table.slice(0, self.rows_per_file))
             rest = table.slice(self.rows_per_file)
             self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        if self._pending_rows and time.monotonic() - self._last_flush > self.flush_interval_s:
+            self._flush(pa.concat_tables(self._pending))
+            self._pending, self._pending_rows = [], 0
+        return batch
+
+    def _mark_duplicates(self, batch: pa.Table) -> pa.Table:
+        """A row whose id an earlier row of this job already used keeps its place, with status
+        ``duplicate_id``: every input row still comes out once, and ids stay a usable key."""
+        hashes = id_hashes(batch.column("id").to_pylist())
+        dup = []
+        for h in hashes.tolist():
+            dup.append(h in self._seen)
+            self._seen.add(h)
+        if not any(dup):
+            return batch
+        mask = pa.array(dup)
+        ids = batch.column("id")
+        status = pc.if_else(mask, pa.scalar(Status.DUPLICATE_ID.value), batch.column("status"))
+        error = pc.if_else(mask, pc.binary_join_element_wise(
+            "id ", ids, " already appeared earlier in the manifest; only its first row is transcribed", ""),
+            batch.column("error"))
+        batch = batch.set_column(batch.schema.get_field_index("status"), "status", status)
+        return batch.set_column(batch.schema.get_field_index("error"), "error", error)
 
     def close(self) -> None:
-        if self._pending_rows or not self.files:  # an empty job still gets one (empty) file
+        if self._pending_rows or not (self.files or self.committed_parts()):  # an empty job still gets one file
             self._flush(pa.concat_tables(self._pending) if self._pending else self.schema.empty_table())
         self._pending, self._pending_rows = [], 0
 
     def _flush(self, table: pa.Table) -> None:
-        name = f"part-{len(self.files):05d}.parquet"
+        name = f"part-{self.attempt:03d}-{len(self.files):05d}.parquet"
         final = f"{self.dir}/{name}"
         temp = f"{self.dir}/_tmp-{name}"
         buffer = io.BytesIO()
@@ -75,6 +172,16 @@ class TranscriptWriter:
             f.write(buffer.getvalue())
         self.fs.mv(temp, final)
         self.files.append(join_uri(self.output_uri, "transcripts", name))
+        self._last_flush = time.monotonic()
+
+
+def tally_output(writer: TranscriptWriter) -> "JobTally":
+    """Totals over every committed part (all attempts): the summary's source of truth."""
+    tally = JobTally()
+    for path in writer.committed_parts():
+        with writer.fs.open(path, "rb") as f:
+            tally.add(pq.read_table(f, columns=list(JobTally.COLUMNS)))
+    return tally
 
 
 @dataclass
@@ -88,10 +195,13 @@ class JobTally:
     inference_s: float = 0.0  # engine busy seconds, summed over replicas
     scores: dict[tuple[str, str], CorpusTally] = field(default_factory=dict)
 
+    COLUMNS: ClassVar[tuple[str, ...]] = (
+        "status", "duration_s", "inference_s", "language", "metric", "normalizer",
+        "ref_words", "substitutions", "deletions", "insertions",
+    )
+
     def add(self, batch: pa.Table) -> None:
-        for row in batch.select(
-            ["status", "duration_s", "inference_s", "language", "metric", "normalizer", "ref_words", "substitutions", "deletions", "insertions"]
-        ).to_pylist():
+        for row in batch.select(list(self.COLUMNS)).to_pylist():
             self.n_input += 1
             self.by_status[row["status"]] += 1
             self.audio_s_decoded += row["duration_s"] or 0.0
@@ -116,7 +226,11 @@ class JobTally:
 
 
 def build_summary(tally: JobTally, *, job_wall_s: float, started_at: float, engine: str, model: str,
-                  config: dict[str, Any], files: list[str], max_failed_fraction: float) -> dict[str, Any]:
+                  config: dict[str, Any], files: list[str], max_failed_fraction: float,
+                  this_run: dict[str, Any] | None = None, stopped_early: bool = False) -> dict[str, Any]:
+    """Counts and scores over the whole output (``tally``, every attempt); throughput from this
+    run alone (``this_run``: what this attempt processed and how long it took)."""
+    run = this_run or {"audio_s": tally.audio_s, "inference_s": tally.inference_s}
     failed = {k: v for k, v in sorted(tally.by_status.items()) if k != Status.OK.value}
     by_language: dict[str, Any] = {}
     for (language, metric), t in sorted(tally.scores.items()):
@@ -132,9 +246,10 @@ def build_summary(tally: JobTally, *, job_wall_s: float, started_at: float, engi
                 total.deletions += t.deletions
                 total.insertions += t.insertions
         overall[metric] = total.to_dict()
-    budget_exceeded = tally.failed_fraction() > max_failed_fraction
+    budget_exceeded = stopped_early or tally.failed_fraction() > max_failed_fraction
     return {
         "status": "failed_budget_exceeded" if budget_exceeded else "completed",
+        "stopped_early": stopped_early,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
         "n_input": tally.n_input,
         "n_ok": tally.n_ok,
@@ -146,8 +261,9 @@ def build_summary(tally: JobTally, *, job_wall_s: float, started_at: float, engi
         "audio_s_decoded": round(tally.audio_s_decoded, 3),
         "job_wall_s": round(job_wall_s, 3),
         "inference_s": round(tally.inference_s, 3),
-        "rtfx_job": round(tally.audio_s / job_wall_s, 3) if job_wall_s else None,
-        "rtfx_inference": round(tally.audio_s / tally.inference_s, 3) if tally.inference_s else None,
+        "rtfx_job": round(run["audio_s"] / job_wall_s, 3) if job_wall_s else None,
+        "rtfx_inference": round(run["audio_s"] / run["inference_s"], 3) if run["inference_s"] else None,
+        "this_run": this_run,
         "scores": {"overall": overall, "by_language": by_language},
         "engine": engine,
         "model": model,

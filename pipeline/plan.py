@@ -15,9 +15,10 @@ from typing import Any
 
 from .config import EngineConfig, JobConfig
 from .manifest import PrepareStage, detect_format, extra_fields, read_manifest, read_manifest_schema
-from .output import JobTally, TranscriptWriter, build_summary, write_summary
+from .output import JobTally, TranscriptWriter, build_summary, tally_output, write_summary
 from .records import transcript_schema
 from .stages import DecodeStage, InferenceStage, ScoreStage
+from .storage import join_uri
 
 log = logging.getLogger("quarry")
 
@@ -73,8 +74,9 @@ def engine_replicas(e: EngineConfig) -> int:
     return int(gpus // e.gpus_per_replica)
 
 
-def build_dataset(cfg: JobConfig, manifest_uri: str):
-    """The lazy Ray Dataset of output rows, and the output schema."""
+def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None):
+    """The lazy Ray Dataset of output rows, and the output schema. ``skip_ids``: id hashes
+    (or a Ray object ref to them) of rows already committed by an earlier attempt."""
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
@@ -89,7 +91,7 @@ def build_dataset(cfg: JobConfig, manifest_uri: str):
     e = cfg.engine
     ds = read_manifest(manifest_uri, cfg)
     ds = ds.map_batches(
-        PrepareStage(manifest_uri, fmt, cfg.input.columns, cfg.task, extras),
+        PrepareStage(manifest_uri, fmt, cfg.input.columns, cfg.task, extras, skip_ids),
         batch_format="pyarrow", batch_size=256, num_cpus=LIGHT_STAGE_CPUS,
     )
     ds = ds.map_batches(
@@ -109,35 +111,74 @@ def build_dataset(cfg: JobConfig, manifest_uri: str):
     return ds, transcript_schema(extras)
 
 
+def job_key(cfg: JobConfig, manifest_uri: str) -> dict[str, Any]:
+    """What makes two runs the same job (a rerun may resume): the input and every setting that
+    changes a row's result. Resources (replicas, batch sizes, Ray) may differ between attempts."""
+    c = cfg.model_dump(mode="json")
+    return {
+        "manifest": manifest_uri,
+        "input": c["input"],
+        "audio": {k: c["audio"][k] for k in ("sample_rate", "resample_quality", "max_duration_s")},
+        "engine": {k: c["engine"][k] for k in ("name", "model", "whisper", "vllm")},
+        "task": c["task"],
+        "scoring": c["scoring"],
+    }
+
+
 def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bool = False) -> JobResult:
-    """Run one job end to end and write its outputs. Raises only when the job cannot run."""
+    """Run one job end to end and write its outputs; resume when OUTPUT holds an interrupted
+    attempt of the same job. Raises only when the job cannot run."""
     started = time.time()
     clock = time.perf_counter()
     fmt = detect_format(manifest_uri, cfg.input.format)
     extras = extra_fields(read_manifest_schema(manifest_uri, cfg), fmt, cfg.input.columns)
-    writer = TranscriptWriter(output_uri, transcript_schema(extras), cfg.storage.options, cfg.output.rows_per_file)
-    writer.prepare(overwrite)
+    writer = TranscriptWriter(output_uri, transcript_schema(extras), cfg.storage.options, cfg.output.rows_per_file,
+                              cfg.output.flush_interval_s)
+    resume = writer.prepare(overwrite, job_key(cfg, manifest_uri))
+    if resume.committed_rows:
+        log.info("resuming %s: attempt %d, %d rows already committed in %d files",
+                 output_uri, resume.attempt, resume.committed_rows, resume.committed_files)
     init_ray(cfg)
-    ds, _ = build_dataset(cfg, manifest_uri)
-    tally = JobTally()
+    import ray
+
+    skip = ray.put(resume.committed_ids) if resume.committed_rows else None
+    ds, _ = build_dataset(cfg, manifest_uri, skip)
+    run = JobTally()  # this attempt's rows, for progress and throughput
     last_log = clock
+    budget = cfg.output
+    stopped_early = False
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        writer.write(batch)
-        tally.add(batch)
-        if time.perf_counter() - last_log > 10:
+        run.add(writer.write(batch))
+        if run.n_input >= budget.budget_min_rows and run.failed_fraction() > budget.max_failed_fraction:
+            log.error("stopping: %d of %d rows failed (%s), over max_failed_fraction %g; what completed is kept",
+                      run.n_failed, run.n_input, dict(run.by_status), budget.max_failed_fraction)
+            stopped_early = True
+            break
+        if time.perf_counter() - last_log > cfg.output.progress_interval_s:
             last_log = time.perf_counter()
-            log.info("progress: %d rows (%d failed), %.0f s of audio, %.1f s elapsed",
-                     tally.n_input, tally.n_failed, tally.audio_s, last_log - clock)
+            elapsed = last_log - clock
+            log.info("progress: %d rows (%d failed), %.2f h of audio, %.1f s elapsed, RTFx %.1f",
+                     run.n_input, run.n_failed, run.audio_s / 3600, elapsed, run.audio_s / elapsed)
     writer.close()
+    wall = time.perf_counter() - clock
     summary = build_summary(
-        tally,
-        job_wall_s=time.perf_counter() - clock,
+        tally_output(writer),
+        job_wall_s=wall,
         started_at=started,
         engine=cfg.engine.name,
         model=cfg.engine.model,
         config=cfg.redacted(),
-        files=writer.files,
+        files=[join_uri(output_uri, "transcripts", p.rsplit("/", 1)[-1]) for p in writer.committed_parts()],
         max_failed_fraction=cfg.output.max_failed_fraction,
+        this_run={
+            "attempt": resume.attempt,
+            "n_committed_before": resume.committed_rows,
+            "n_processed": run.n_input,
+            "audio_s": round(run.audio_s, 3),
+            "inference_s": round(run.inference_s, 3),
+            "job_wall_s": round(wall, 3),
+        },
+        stopped_early=stopped_early,
     )
     uri = write_summary(output_uri, summary, cfg.storage.options)
     return JobResult(summary, uri)

@@ -15,6 +15,7 @@ class Status(str, Enum):
 
     OK = "ok"
     INVALID_ROW = "invalid_row"  # manifest row unusable (no audio URI, bad field)
+    DUPLICATE_ID = "duplicate_id"  # an earlier row of the job has the same id
     MISSING_OBJECT = "missing_object"  # audio object does not exist
     ACCESS_DENIED = "access_denied"  # storage refused the read
     FETCH_ERROR = "fetch_error"  # storage failed after retries

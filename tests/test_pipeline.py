@@ -131,16 +131,36 @@ def test_failed_rows_over_budget_mark_the_job_failed(ray_session, clips, tmp_pat
     assert len(read_transcripts(tmp_path / "out")) == 2  # what completed is kept
 
 
-def test_existing_output_is_not_overwritten_without_the_flag(ray_session, clips, tmp_path):
+def test_rerun_resumes_the_same_job_and_refuses_another_without_the_flag(ray_session, clips, tmp_path):
     from pipeline.output import OutputExistsError
 
     rows, folder = clips
-    manifest = write_jsonl(folder / "m.jsonl", [{"audio": rows[0]["audio"]}])
-    run_job(fake_cfg(), str(manifest), str(tmp_path / "out"))
+    manifest = write_jsonl(folder / "m.jsonl", [{"audio": r["audio"]} for r in rows[:3]])
+    first = run_job(fake_cfg(), str(manifest), str(tmp_path / "out"))
+    again = run_job(fake_cfg(), str(manifest), str(tmp_path / "out"))  # same job: nothing left to do
+    assert again.summary["this_run"] == {**again.summary["this_run"], "attempt": 2, "n_committed_before": 3, "n_processed": 0}
+    assert len(read_transcripts(tmp_path / "out")) == 3 and again.summary["n_input"] == first.summary["n_input"] == 3
+    other = write_jsonl(folder / "other.jsonl", [{"audio": rows[3]["audio"]}])
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        run_job(fake_cfg(), str(manifest), str(tmp_path / "out"))
-    run_job(fake_cfg(), str(manifest), str(tmp_path / "out"), overwrite=True)
+        run_job(fake_cfg(), str(other), str(tmp_path / "out"))
+    with pytest.raises(OutputExistsError, match="--overwrite"):  # same manifest, another engine
+        run_job(fake_cfg("engine.model=other"), str(manifest), str(tmp_path / "out"))
+    run_job(fake_cfg(), str(other), str(tmp_path / "out"), overwrite=True)
     assert len(read_transcripts(tmp_path / "out")) == 1
+
+
+def test_duplicate_ids_keep_their_rows_and_only_the_first_is_ok(ray_session, clips, tmp_path):
+    rows, folder = clips
+    manifest = write_jsonl(folder / "m.jsonl", [
+        {"id": "a", "audio": rows[0]["audio"]}, {"id": "b", "audio": rows[1]["audio"]},
+        {"id": "a", "audio": rows[2]["audio"]}, {"audio": rows[3]["audio"]}, {"audio": rows[3]["audio"]},
+    ])
+    result = run_job(fake_cfg(), str(manifest), str(tmp_path / "out"))
+    out = read_transcripts(tmp_path / "out")
+    assert len(out) == 5 and sorted(out["status"]) == ["duplicate_id", "duplicate_id", "ok", "ok", "ok"]
+    assert out.loc[out["status"] == "duplicate_id", "error"].str.contains("already appeared").all()
+    assert out.groupby("id")["status"].apply(lambda s: (s == "ok").sum()).eq(1).all()
+    assert result.summary["n_failed_by_reason"] == {"duplicate_id": 2}
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
