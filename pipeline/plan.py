@@ -92,7 +92,7 @@ def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None):
     ds = read_manifest(manifest_uri, cfg)
     ds = ds.map_batches(
         PrepareStage(manifest_uri, fmt, cfg.input.columns, cfg.task, extras, skip_ids),
-        batch_format="pyarrow", batch_size=256, num_cpus=LIGHT_STAGE_CPUS,
+        batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS,
     )
     ds = ds.map_batches(
         DecodeStage(cfg.audio, cfg.storage.options, extras),
@@ -106,7 +106,7 @@ def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None):
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
     )
     ds = ds.map_batches(
-        ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=256, num_cpus=LIGHT_STAGE_CPUS
+        ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS
     )
     return ds, transcript_schema(extras)
 
