@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 
 import click
@@ -91,12 +92,17 @@ def bench(manifest: str, config_path: str | None, overrides: tuple[str, ...], ba
 
 
 def _root_cause(error: BaseException) -> BaseException:
+    """The error worth showing: an EngineUnavailable anywhere in the chain, including one that
+    Ray reports only as text (an actor whose constructor raised dies with ActorDiedError)."""
     from .engines import EngineUnavailable
 
-    seen = error
+    seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, EngineUnavailable):
             return seen
+        found = re.search(r"EngineUnavailable: (.+)", str(seen))
+        if found:
+            return EngineUnavailable(found.group(1).strip())
         seen = seen.__cause__ or seen.__context__
     return getattr(error, "cause", None) or error
 

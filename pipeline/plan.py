@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import EngineConfig, JobConfig
+from .engines import preflight
 from .manifest import PrepareStage, detect_format, extra_fields, read_manifest, read_manifest_schema
 from .output import JobTally, TranscriptWriter, build_summary, tally_output, write_summary
 from .records import transcript_schema
@@ -130,6 +131,8 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
     attempt of the same job. Raises only when the job cannot run."""
     started = time.time()
     clock = time.perf_counter()
+    if not cfg.ray.address:
+        preflight(cfg.engine)  # a local Ray's workers see this machine's files: fail before starting it
     fmt = detect_format(manifest_uri, cfg.input.format)
     extras = extra_fields(read_manifest_schema(manifest_uri, cfg), fmt, cfg.input.columns)
     writer = TranscriptWriter(output_uri, transcript_schema(extras), cfg.storage.options, cfg.output.rows_per_file,

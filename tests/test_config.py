@@ -51,3 +51,22 @@ def test_shipped_configs_validate(name):
     from pipeline.config import CONFIG_DIR
 
     load_config(CONFIG_DIR / name)
+
+
+def test_engine_default_model_follows_the_engine_name():
+    assert load_config(None).engine.model == "tiny.en"
+    assert load_config(None, ["engine.name=vllm"]).engine.model == "ibm-granite/granite-4.0-1b-speech"
+    assert load_config(None, ["engine.name=vllm", "engine.model=/models/x"]).engine.model == "/models/x"
+
+
+def test_a_model_that_cannot_be_found_fails_before_ray_starts(tmp_path, monkeypatch):
+    from pipeline.engines import EngineUnavailable
+    from pipeline.plan import run_job
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "m.jsonl").write_text('{"audio": "a.wav"}\n')
+    with pytest.raises(EngineUnavailable, match="granite-4.0-1b-speech.*HF_HUB_OFFLINE"):
+        run_job(load_config(None, ["engine.name=vllm"]), str(tmp_path / "m.jsonl"), str(tmp_path / "out"))
+    with pytest.raises(EngineUnavailable, match="'large-v3'.*HF_HUB_OFFLINE"):
+        run_job(load_config(None, ["engine.model=large-v3"]), str(tmp_path / "m.jsonl"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # it failed before claiming the output, so before Ray started

@@ -42,9 +42,23 @@ ENGINES: dict[str, Callable[[EngineConfig, TaskConfig], Engine]] = {
 }
 
 
+def preflight(cfg: EngineConfig) -> None:
+    """Fail fast, before any worker starts, when the model cannot be found here (a path that does
+    not exist, a hub name with the hub forbidden). Loads nothing. Only meaningful where the
+    workers share this machine's files (a local Ray)."""
+    if cfg.name == "vllm":
+        from .vllm import resolve_model
+
+        resolve_model(cfg.model)
+    elif cfg.name == "whisper":
+        from .whisper import resolve_model as resolve_ct2
+
+        resolve_ct2(cfg.model)
+
+
 def load_engine(cfg: EngineConfig, task: TaskConfig | None = None) -> Engine:
     """Load the configured engine once (call in a worker's setup, never per batch)."""
     return ENGINES[cfg.name](cfg, task or TaskConfig())
 
 
-__all__ = ["Engine", "EngineRequest", "EngineResult", "EngineUnavailable", "SAMPLE_RATE_HZ", "load_engine"]
+__all__ = ["Engine", "EngineRequest", "EngineResult", "EngineUnavailable", "SAMPLE_RATE_HZ", "load_engine", "preflight"]
