@@ -29,10 +29,18 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--manifest", required=True, metavar="URI",
+@click.option("--manifest", metavar="URI",
               help="JSONL, CSV or Parquet manifest at any fsspec URL (local path, s3://, file://, memory://). "
                    "Columns: audio (required), id, reference, language, task, target_language, keywords; "
                    "others are carried through.")
+@click.option("--audio", "audio_pattern", metavar="URI",
+              help="Instead of a manifest: every audio object under this prefix, or matching this glob "
+                   "(quote it), e.g. 's3://archive/calls/2026-11-*/*.wav'. The list is written to "
+                   "OUTPUT/inputs.jsonl.")
+@click.option("--skip-done-in", metavar="URI",
+              help="With --audio: leave out objects that completed runs under this folder already wrote "
+                   "(e.g. the parent of nightly run_date=... outputs). Rows that failed with a retryable "
+                   "status (fetch_error, inference_error) are tried again.")
 @click.option("--output", required=True, metavar="URI", help="Output folder or prefix (local or s3://).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="YAML job config; without it the embedded default (local Ray, offline CPU engine) applies.")
@@ -41,8 +49,11 @@ def main(verbose: bool) -> None:
 @click.option("--overwrite", is_flag=True,
               help="Delete results already at OUTPUT first. Without it, a rerun of the same job resumes "
                    "(rows already written are skipped) and another job's output is refused.")
-def run(manifest: str, output: str, config_path: str | None, overrides: tuple[str, ...], overwrite: bool) -> None:
-    """Transcribe every row of MANIFEST into OUTPUT.
+def run(manifest: str | None, audio_pattern: str | None, skip_done_in: str | None, output: str,
+        config_path: str | None, overrides: tuple[str, ...], overwrite: bool) -> None:
+    """Transcribe every row of MANIFEST (or every object under --audio) into OUTPUT.
+
+    A rerun to the same OUTPUT resumes: rows already written are not done again.
 
     Exit status: 0 when the job completed (even with some failed rows, each carrying its reason);
     1 when failed rows exceed output.max_failed_fraction; 2 when the job could not run.
@@ -52,8 +63,19 @@ def run(manifest: str, output: str, config_path: str | None, overrides: tuple[st
     from .output import OutputExistsError
     from .plan import run_job
 
+    if bool(manifest) == bool(audio_pattern):
+        raise click.UsageError("give exactly one of --manifest and --audio")
+    if skip_done_in and not audio_pattern:
+        raise click.UsageError("--skip-done-in goes with --audio")
     try:
         cfg = load_config(config_path, overrides)
+        if audio_pattern:
+            from .discover import discover
+
+            found = discover(audio_pattern, output, skip_done_in=skip_done_in, storage_options=cfg.storage.options)
+            click.echo(f"found {found.n_found} audio objects, {found.n_done_before} done by earlier runs, "
+                       f"{found.n_todo} to do", err=True)
+            manifest = found.manifest_uri
         result = run_job(cfg, manifest, output, overwrite=overwrite)
     except (ConfigError, ManifestError, OutputExistsError, EngineUnavailable) as e:
         _fail(str(e))

@@ -108,7 +108,7 @@ def _jsonl_columns(lines: list[bytes], uri: str) -> pa.Schema:
             continue
         if isinstance(value, dict):
             names.update(dict.fromkeys(value))
-    if not names:
+    if not names and any(line.strip() for line in lines):
         raise ManifestError(f"manifest {uri} has no JSON object in its first lines")
     return pa.schema([pa.field(n, pa.string()) for n in names])
 
@@ -140,7 +140,7 @@ def read_manifest(uri: str, cfg: JobConfig):
 
     fmt = detect_format(uri, cfg.input.format)
     schema = read_manifest_schema(uri, cfg)
-    if cfg.input.columns.audio not in schema.names:
+    if cfg.input.columns.audio not in schema.names and (fmt != "jsonl" or schema.names):  # an empty JSONL is 0 rows
         raise ManifestError(f"manifest {uri} has no {cfg.input.columns.audio!r} column (columns: {schema.names})")
     fs, path = url_to_fs(uri, cfg.storage.options)
     remote = {"num_cpus": 0.25}  # light: never starve the actor pool
