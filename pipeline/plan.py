@@ -19,7 +19,7 @@ from .manifest import PrepareStage, detect_format, extra_fields, read_manifest, 
 from .output import JobTally, TranscriptWriter, build_summary, tally_output, write_summary
 from .records import transcript_schema
 from .stages import DecodeStage, InferenceStage, ScoreStage
-from .storage import join_uri
+from .storage import has_scheme, join_uri
 
 log = logging.getLogger("quarry")
 
@@ -131,6 +131,8 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
     attempt of the same job. Raises only when the job cannot run."""
     started = time.time()
     clock = time.perf_counter()
+    if not has_scheme(manifest_uri):  # workers may run elsewhere: audio URIs are resolved absolute
+        manifest_uri = os.path.abspath(manifest_uri)
     if not cfg.ray.address:
         preflight(cfg.engine)  # a local Ray's workers see this machine's files: fail before starting it
     fmt = detect_format(manifest_uri, cfg.input.format)

@@ -109,7 +109,7 @@ def _read_summary(fs, path: str) -> dict[str, Any] | None:
 class _Ranked:
     rate: float
     errors: int
-    seq: int  # ties: the row seen first ranks higher (smaller seq is evicted last)
+    seq: int  # minus the order seen: on ties the row seen first ranks higher
     row: dict = field(compare=False)
 
 
@@ -124,7 +124,6 @@ class ReportTally:
     by_status: Counter = field(default_factory=Counter)
     messages: dict[str, Counter] = field(default_factory=dict)  # reason -> message -> rows
     audio_s_ok: float = 0.0
-    audio_s_decoded: float = 0.0
     inference_s: float = 0.0
     scores: dict[tuple[str, str], CorpusTally] = field(default_factory=dict)  # (language, metric)
     group_scores: dict[str, dict[tuple[str, str], CorpusTally]] = field(default_factory=dict)
@@ -142,11 +141,10 @@ class ReportTally:
         self.n_rows += table.num_rows
         status = table["status"]
         ok = pc.equal(status, Status.OK.value)
-        self.by_status.update(dict(zip(*_value_counts(status))))
+        self.by_status.update(dict(zip(*_value_counts(status), strict=True)))
         self._add_messages(table.filter(pc.invert(ok)))
         durations = table["duration_s"]
         self.audio_s_ok += _sum(durations.filter(ok))
-        self.audio_s_decoded += _sum(durations)
         self.inference_s += _sum(table["inference_s"])
         self.durations_ok = _add_bins(self.durations_ok, durations.filter(ok))
         self.durations_failed = _add_bins(self.durations_failed, durations.filter(pc.invert(ok)))
@@ -159,7 +157,7 @@ class ReportTally:
         self._add_worst(scored)
 
     def _add_messages(self, failed: pa.Table) -> None:
-        for reason, message in zip(failed["status"].to_pylist(), failed["error"].to_pylist()):
+        for reason, message in zip(failed["status"].to_pylist(), failed["error"].to_pylist(), strict=True):
             counter = self.messages.setdefault(reason, Counter())
             key = (message or "").strip() or "(no message)"
             counter[key if key in counter or len(counter) < _MAX_MESSAGES else "(other messages)"] += 1
@@ -179,7 +177,7 @@ class ReportTally:
         valid = pc.is_valid(times)
         seconds = pc.cast(pc.cast(times.filter(valid), pa.timestamp("s", tz="UTC"), safe=False), pa.int64())
         durations = pc.fill_null(ok["duration_s"].filter(valid), 0.0)
-        for second, duration in zip(seconds.to_pylist(), durations.to_pylist()):
+        for second, duration in zip(seconds.to_pylist(), durations.to_pylist(), strict=True):
             slot = self.finished.setdefault(second, [0, 0.0])
             slot[0] += 1
             slot[1] += duration
@@ -190,13 +188,14 @@ class ReportTally:
         rated = scored.filter(pc.and_(pc.is_valid(scored["wer"]), pc.greater(scored["ref_words"], 0)))
         if rated.num_rows == 0:
             return
+        errors = pc.add(pc.add(rated["substitutions"], rated["deletions"]), rated["insertions"])
+        rated = rated.append_column("errors", errors)
         # Only this batch's top `worst` can enter the running top list.
-        top = rated.take(pc.select_k_unstable(rated, self.worst, [("wer", "descending")]))
-        columns = ["id", "language", "metric", "normalizer", "wer", "text", "reference", *_COUNT_COLUMNS]
+        top = rated.take(pc.select_k_unstable(rated, self.worst, [("wer", "descending"), ("errors", "descending")]))
+        columns = ["id", "language", "metric", "normalizer", "wer", "errors", "text", "reference", *_COUNT_COLUMNS]
         for row in top.select(columns).to_pylist():
-            errors = row["substitutions"] + row["deletions"] + row["insertions"]
             self._seq += 1
-            item = _Ranked(row["wer"], errors, -self._seq, row)
+            item = _Ranked(row["wer"], row["errors"], -self._seq, row)
             if len(self._heap) < self.worst:
                 heapq.heappush(self._heap, item)
             elif item > self._heap[0]:
@@ -388,18 +387,25 @@ def _throughput_plot(finished: dict[int, list], started_at: int | None) -> str |
     width = next((w for w in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400)
                   if span / w <= 60 and w >= floor), 86_400)
     n_bins = math.ceil(span / width)
-    rows, audio = np.zeros(n_bins), np.zeros(n_bins)
-    for second, (n, audio_s) in finished.items():
-        rows[(second - origin) // width] += n
+    audio = np.zeros(n_bins)
+    for second, (_, audio_s) in finished.items():
         audio[(second - origin) // width] += audio_s
     minutes = np.arange(n_bins) * width / 60
     title = "Throughput over time"
     fig = _figure(7.5, 4.2)
     top, bottom = fig.subplots(2, 1, sharex=True)
-    top.bar(minutes, audio / width, width=width / 60, align="edge", color=_BAR_COLOUR)
+    widths = np.full(n_bins, float(width))
+    widths[-1] = span - (n_bins - 1) * width  # the last bin ends with the last row, not a whole bin later
+    if n_bins > 1 and widths[-1] < width / 2:  # a sliver of a bin would show one batch as a burst
+        audio[-2] += audio[-1]
+        widths[-2] += widths[-1]
+        audio, widths, minutes = audio[:-1], widths[:-1], minutes[:-1]
+    top.bar(minutes, audio / widths, width=widths / 60, align="edge", color=_BAR_COLOUR)
     top.set_ylabel("audio s per wall s\n(RTFx)")
     top.set_title(f"{title} (bins of {width:g} s)", loc="left")
-    bottom.step(np.append(minutes, n_bins * width / 60), np.append(np.cumsum(rows), rows.sum()),
+    seconds = sorted(finished)  # exact, not binned: rows done by each completion time
+    done = np.cumsum([finished[t][0] for t in seconds])
+    bottom.step([0, *[(t - origin) / 60 for t in seconds], span / 60], [0, *done, done[-1]],
                 where="post", color=_OK_COLOUR)
     bottom.set_ylabel("rows done (ok)")
     bottom.set_xlabel("minutes since job start" if started_at is not None else "minutes since first row finished")
@@ -412,19 +418,22 @@ def _throughput_plot(finished: dict[int, list], started_at: int | None) -> str |
 # HTML
 
 _CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1d232a;margin:0 auto;max-width:1100px;padding:0 20px 60px}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1d232a}
+body{margin:0 auto;max-width:1100px;padding:0 20px 60px}
 h1{margin:24px 0 4px}h2{margin:36px 0 8px;border-bottom:1px solid #d8dee4;padding-bottom:4px}h3{margin:20px 0 6px}
 .muted{color:#57606a}.note{background:#fff8c5;border:1px solid #e3c94c;padding:8px 12px;border-radius:6px}
 .warn{background:#ffebe9;border:1px solid #e5a39e;padding:8px 12px;border-radius:6px}
 .figures{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0}
 .figure{border:1px solid #d8dee4;border-radius:8px;padding:10px 14px;min-width:120px}
 .figure b{display:block;font-size:22px}.figure span{color:#57606a;font-size:12px}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}th,td{border-bottom:1px solid #e5e9ee;padding:4px 10px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}
+th,td{border-bottom:1px solid #e5e9ee;padding:4px 10px;text-align:left;vertical-align:top}
 th{background:#f4f6f8}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 svg.plot{max-width:100%;height:auto;display:block;margin:8px 0}
 code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12px}
 .align{display:flex;flex-wrap:wrap;gap:3px 4px;max-width:760px}
-.tok{display:inline-flex;flex-direction:column;border-radius:3px;padding:1px 4px;font-family:ui-monospace,Menlo,monospace;font-size:12px}
+.tok{display:inline-flex;flex-direction:column;border-radius:3px;padding:1px 4px}
+.tok{font-family:ui-monospace,Menlo,monospace;font-size:12px}
 .tok .r,.tok .h{white-space:pre;min-height:1.3em}.tok .h{border-top:1px dotted #c9d1d9}
 .op-equal{background:#f6f8fa;color:#57606a}.op-substitute{background:#fff1c2}.op-delete{background:#ffd7d5}
 .op-delete .r{text-decoration:line-through}.op-insert{background:#d3f0ff}
@@ -454,14 +463,15 @@ def _table(table_id: str, headers: Sequence[str], rows: Iterable[Sequence[Any]],
 
 
 def _score_rows(tallies: dict[tuple[str, str], CorpusTally], order: list[tuple[str, str]]) -> list[list[Any]]:
-    return [[value, metric.upper(), _pct(t.rate), t.n_scored, t.ref_units, t.substitutions, t.deletions, t.insertions, t.normalizer]
+    return [[value, metric.upper(), _pct(t.rate), t.n_scored, t.ref_units, t.substitutions, t.deletions, t.insertions,
+             t.normalizer]
             for value, metric in order for t in [tallies[(value, metric)]]]
 
 
 def _score_section(section_id: str, column: str, tallies: dict[tuple[str, str], CorpusTally], title: str,
                    plot_id: str, overflow: int = 0) -> str:
     if not tallies:
-        return f'<p class="muted">No scored rows (no row had a reference).</p>'
+        return '<p class="muted">No scored rows (no row had a reference).</p>'
     order = sorted(tallies, key=lambda k: (-tallies[k].ref_units, k))
     shown = order[:_SHOWN_GROUPS]
     headers = [column, "metric", "rate", "rows scored", "ref units", "S", "D", "I", "normaliser"]
@@ -469,12 +479,13 @@ def _score_section(section_id: str, column: str, tallies: dict[tuple[str, str], 
     if len(order) > len(shown):
         parts.append(f'<p class="muted">Showing the {len(shown)} largest of {len(order)} groups by reference units.</p>')
     if overflow:
-        parts.append(f'<p class="muted">{overflow} scored rows fell beyond {_MAX_GROUPS} distinct values and are tallied as (other).</p>')
+        parts.append(f'<p class="muted">{overflow} scored rows fell beyond {_MAX_GROUPS} distinct values and are '
+                     'tallied as (other).</p>')
     rated = [k for k in shown if tallies[k].rate is not None]
     if rated:
         labels = [f"{value} ({metric.upper()})" for value, metric in rated]
         rates = [100 * tallies[k].rate for k in rated]
-        notes = [f"{r:.1f}% of {tallies[k].ref_units}" for r, k in zip(rates, rated)]
+        notes = [f"{r:.1f}% of {tallies[k].ref_units}" for r, k in zip(rates, rated, strict=True)]
         parts.append(_bar_plot(plot_id, title, labels, rates, "error rate (%), corpus: (S+D+I)/N", annotate=notes))
     return "".join(parts)
 
@@ -505,7 +516,8 @@ def _headline(tally: ReportTally, summary: dict | None) -> str:
     parts.append("<h3>Corpus error rate by language</h3>")
     parts.append('<p class="muted">From summed counts, (S + D + I) / N over every scored row of the language; '
                  'CER languages count characters.</p>')
-    parts.append(_score_section("scores-language", "language", tally.scores, "Error rate by language", "plot-scores-language"))
+    parts.append(_score_section("scores-language", "language", tally.scores, "Error rate by language",
+                                "plot-scores-language"))
     return "".join(parts)
 
 
@@ -593,9 +605,9 @@ def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
 def _config_section(summary: dict | None) -> str:
     if summary is None:
         return '<p class="muted">No summary.json.</p>'
-    job_keys = ["status", "started_at", "engine", "model", "n_input", "n_ok", "n_failed", "n_failed_by_reason",
-                "failed_fraction", "max_failed_fraction", "audio_s", "audio_s_decoded", "job_wall_s", "inference_s",
-                "rtfx_job", "rtfx_inference"]
+    job_keys = ["status", "stopped_early", "started_at", "engine", "model", "n_input", "n_ok", "n_failed",
+                "n_failed_by_reason", "failed_fraction", "max_failed_fraction", "audio_s", "audio_s_decoded",
+                "job_wall_s", "inference_s", "rtfx_job", "rtfx_inference", "this_run"]
     job = [[k, json.dumps(summary[k], ensure_ascii=False) if isinstance(summary[k], (dict, list)) else summary[k]]
            for k in job_keys if k in summary]
     job.append(["files", f"{len(summary.get('files') or [])} Parquet part(s)"])

@@ -8,10 +8,9 @@ of one text against the start of the next, on normalised words, and keeps them o
 
 from __future__ import annotations
 
-import re
 import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 from .engines.base import SAMPLE_RATE_HZ
 from .segment import Cue, Segment
@@ -25,7 +24,8 @@ _MIN_INNER_RUN = 2  # a shared run not at the very edges must be this long to co
 
 def _norm(word: str) -> str:
     """Case- and punctuation-blind form of a word, for matching only (the output keeps the raw word)."""
-    return "".join(ch for ch in unicodedata.normalize("NFKC", word).casefold() if not unicodedata.category(ch).startswith("P"))
+    folded = unicodedata.normalize("NFKC", word).casefold()
+    return "".join(ch for ch in folded if not unicodedata.category(ch).startswith("P"))
 
 
 def _seam(prev: Sequence[str], cur: Sequence[str], bound: int) -> tuple[int, int, int]:
@@ -66,19 +66,20 @@ def stitch(texts: Sequence[str | None], segments: Sequence[Segment]) -> str:
     if len(texts) != len(segments):
         raise ValueError(f"{len(texts)} texts for {len(segments)} segments")
     out: list[str] = []
-    prev_words = 0  # how many of out's last words the previous segment contributed
-    for text, seg in zip(texts, segments):
+    prev_words = 0  # how many of out's last words the previous segment heard
+    for text, seg in zip(texts, segments, strict=True):
         words = (text or "").split()
+        heard_from = len(out)  # where this segment's words start in out
         if seg.overlap_before > 0 and prev_words and words:
             bound = int(seg.overlap_before / SAMPLE_RATE_HZ * MAX_WORDS_PER_S) + _SEAM_SLACK_WORDS
             i, j, k = _seam(out[len(out) - prev_words :], words, bound)
             if k:
-                i += len(out) - prev_words
+                heard_from = i + len(out) - prev_words  # the shared words kept from before are this one's too
                 keep = (k + 1) // 2
-                del out[i + keep :]
+                del out[heard_from + keep :]
                 words = words[j + keep :]
         out.extend(words)
-        prev_words = len(words) if words else 0
+        prev_words = len(out) - heard_from if (text or "").strip() else 0
     return " ".join(out)
 
 
@@ -136,7 +137,8 @@ def _union(items: Iterable) -> list[tuple[float, float]]:
 def speaking_stats(channel_intervals: Mapping[str, Iterable]) -> SpeakingStats:
     """Per-channel speaking time and cross-talk time from each channel's speech intervals.
 
-    Pass VAD speech regions (``pipeline.segment.speech_regions`` of each channel, in seconds):
+    Pass VAD speech regions (``pipeline.segment.speech_regions`` of each channel, divided by
+    the sample rate to make seconds):
     segment spans include the silence margins around the speech and pauses packed inside a
     segment, so they overstate speaking time. Items are ``(start_s, end_s, ...)`` (extra fields,
     e.g. a cue's text, are ignored). A channel's own overlapping intervals count once; the overlap

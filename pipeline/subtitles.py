@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from typing import Iterable
+from collections.abc import Iterable
 
 from .segment import Cue
 
