@@ -46,7 +46,7 @@ class AudioError(Exception):
 class DecodedAudio:
     """One decoded recording: mono float32 samples at ``sample_rate``, plus what the source was."""
 
-    samples: np.ndarray  # float32, mono, at ``sample_rate``
+    samples: np.ndarray  # float32 at ``sample_rate``: mono (n,), or (n, channels) when split
     sample_rate: int
     source_sample_rate: int
     source_channels: int
@@ -136,10 +136,12 @@ def decode_audio(
     target_rate: int = 16_000,
     quality: str = "HQ",
     max_duration_s: float | None = None,
+    split_channels: bool = False,
 ) -> DecodedAudio:
     """Decode any format libsndfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3, ...) to mono float32.
 
-    Channels are averaged; the result is resampled to ``target_rate`` with soxr's ``quality``
+    Channels are averaged (or, with ``split_channels``, kept: samples of shape (n, channels)); the
+    result is resampled to ``target_rate`` with soxr's ``quality``
     preset. Integer PCM is scaled to [-1, 1]; float sources are passed through unscaled.
     ``name`` only labels error messages. Raises :class:`AudioError` with status
     decode_error (undecodable or truncated), empty_audio, invalid_audio (NaN / Inf) or too_long
@@ -156,7 +158,7 @@ def decode_audio(
             rate, channels, declared = f.samplerate, f.channels, f.frames
             if declared != _SF_COUNT_MAX:
                 _check_duration(label, declared, rate, max_duration_s)
-            mono, n_read = _decode_mono(f, label, rate, channels, target_rate, quality, max_duration_s)
+            mono, n_read = _decode_mono(f, label, rate, channels, target_rate, quality, max_duration_s, split_channels)
     except sf.SoundFileError as e:  # libsndfile's errors all mean "not decodable"
         reason = _sndfile_message(e)
         raise AudioError(Status.DECODE_ERROR, f"{label}: cannot decode (corrupt or truncated?): {reason}") from e
@@ -186,11 +188,14 @@ def _decode_mono(
     target_rate: int,
     quality: str,
     max_duration_s: float | None,
+    split: bool = False,
 ) -> tuple[np.ndarray, int]:
-    """(mono float32 at target_rate, source frames read), block by block."""
+    """(float32 at target_rate, source frames read), block by block: mono (downmixed), or with
+    ``split`` every channel kept, shape (samples, channels)."""
+    width = channels if split else 1
     stream = None
     if rate != target_rate:
-        stream = soxr.ResampleStream(rate, target_rate, 1, dtype="float32", quality=quality)
+        stream = soxr.ResampleStream(rate, target_rate, width, dtype="float32", quality=quality)
     parts: list[np.ndarray] = []
     n_read = 0
     while True:
@@ -201,11 +206,15 @@ def _decode_mono(
         _check_duration(label, n_read, rate, max_duration_s)  # headers can under-declare
         if not np.isfinite(block).all():
             raise AudioError(Status.INVALID_AUDIO, f"{label}: samples contain NaN or Inf")
-        mono = block.mean(axis=1, dtype=np.float32) if channels > 1 else block[:, 0]
-        parts.append(stream.resample_chunk(mono, last=False) if stream else mono)
+        if split:
+            out = np.ascontiguousarray(block)
+        else:
+            out = block.mean(axis=1, dtype=np.float32) if channels > 1 else block[:, 0]
+        parts.append(stream.resample_chunk(out, last=False) if stream else out)
     if stream:
-        parts.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
-    samples = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        parts.append(stream.resample_chunk(np.zeros((0, width) if split else 0, np.float32), last=True))
+    empty = np.zeros((0, width) if split else 0, np.float32)
+    samples = np.concatenate(parts) if parts else empty
     return np.ascontiguousarray(samples, dtype=np.float32), n_read
 
 

@@ -66,6 +66,24 @@ class AudioConfig(_Section):
     decode_cpus: float = Field(
         0.5, gt=0, description="CPUs Ray reserves per decode task (fractional keeps actors fed)."
     )
+    channels: Literal["mix", "split"] = Field(
+        "mix", description="mix: downmix to mono; split: transcribe each channel on its own (stereo calls)."
+    )
+    channel_names: list[str] = Field(
+        default_factory=list,
+        description="Names of the channels in split mode, in order (e.g. [agent, customer]); "
+        "unnamed channels are ch0, ch1, ...",
+    )
+
+
+class SegmentConfig(_Section):
+    """How recordings longer than ``max_s`` are cut into segments (the unit of parallel work)."""
+
+    max_s: float = Field(30.0, gt=1, description="Longest segment, seconds (Granite's safe window is 30 s).")
+    min_s: float = Field(1.0, ge=0, description="Shorter segments are widened into the audio around them.")
+    overlap_s: float = Field(1.0, ge=0, description="Overlap of fixed windows (speech with no pause to cut at).")
+    vad: bool = Field(True, description="Cut at pauses found by Silero VAD; false: fixed windows only.")
+    rows_per_batch: int = Field(8, ge=1, description="Segments per output batch of the decode stage.")
 
 
 class WhisperOptions(_Section):
@@ -149,6 +167,9 @@ class ScoringConfig(_Section):
 
 
 class OutputConfig(_Section):
+    subtitles: list[Literal["srt", "vtt"]] = Field(
+        default_factory=list, description="Also write OUTPUT/subtitles/<id>.srt / .vtt per recording."
+    )
     rows_per_file: int = Field(10_000, ge=1, description="Parquet rows per output file (at most).")
     flush_interval_s: float = Field(
         60.0, gt=0, description="Commit pending rows at least this often: a crash loses at most this much work."
@@ -176,6 +197,7 @@ class JobConfig(_Section):
     ray: RayConfig = RayConfig()
     input: InputConfig = InputConfig()
     audio: AudioConfig = AudioConfig()
+    segment: SegmentConfig = SegmentConfig()
     engine: EngineConfig = EngineConfig()
     task: TaskConfig = TaskConfig()
     scoring: ScoringConfig = ScoringConfig()

@@ -20,7 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .config import ColumnsConfig, JobConfig, TaskConfig
-from .records import TRANSCRIPT_COLUMNS, Status
+from .records import INTERNAL_COLUMNS, TRANSCRIPT_COLUMNS, Status
 from .storage import arrow_filesystem, has_scheme, is_process_local, parent_uri, url_to_fs
 
 
@@ -131,7 +131,7 @@ def extra_fields(schema: pa.Schema, fmt: str, columns: ColumnsConfig) -> list[pa
 
 def carried_name(name: str) -> str:
     """A manifest column's name in the output: ``input_<name>`` where it clashes with an output column."""
-    return f"input_{name}" if name in TRANSCRIPT_COLUMNS or name in ("samples", "keywords") else name
+    return f"input_{name}" if name in TRANSCRIPT_COLUMNS or name in INTERNAL_COLUMNS else name
 
 
 def read_manifest(uri: str, cfg: JobConfig):

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .records import Status
+from .records import SEGMENT_TABLE_SCHEMA, Status
 from .scoring import CorpusTally
 from .storage import join_uri, url_to_fs
 
@@ -71,6 +71,8 @@ class TranscriptWriter:
         self.flush_interval_s = flush_interval_s
         self.fs, self.root = url_to_fs(output_uri, storage_options)
         self.dir = self.root.rstrip("/") + "/transcripts"
+        self.segments_dir = self.root.rstrip("/") + "/segments"
+        self._pending_segments: list[pa.Table] = []
         self.marker = self.root.rstrip("/") + "/" + JOB_MARKER
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
@@ -86,7 +88,8 @@ class TranscriptWriter:
         refused unless ``overwrite``, which deletes it first.
         """
         summary = self.root.rstrip("/") + "/summary.json"
-        existing = [p for p in (self.dir, summary, self.marker) if self.fs.exists(p)]
+        subtitles = self.root.rstrip("/") + "/subtitles"
+        existing = [p for p in (self.dir, self.segments_dir, subtitles, summary, self.marker) if self.fs.exists(p)]
         job_key = job_key or {}
         previous = self._read_marker() if self.fs.exists(self.marker) else None
         if existing and overwrite:
@@ -100,9 +103,13 @@ class TranscriptWriter:
                 "manifest with the same engine, task and scoring settings; pass --overwrite to replace it"
             )
         self.fs.makedirs(self.dir, exist_ok=True)
-        for leftover in self.fs.glob(f"{self.dir}/_tmp-*"):  # an interrupted write, never committed
-            self.fs.rm(leftover)
+        self.fs.makedirs(self.segments_dir, exist_ok=True)
         parts = self.committed_parts()
+        committed = {p.rsplit("/", 1)[-1] for p in parts}
+        for leftover in self.fs.glob(f"{self.dir}/_tmp-*") + [  # interrupted writes, never committed
+            p for p in self.fs.glob(f"{self.segments_dir}/*.parquet") if p.rsplit("/", 1)[-1] not in committed
+        ]:
+            self.fs.rm(leftover)
         ids = self._read_ids(parts)
         self.attempt = (previous or {}).get("attempts", 0) + 1
         with self.fs.open(self.marker, "w") as f:
@@ -123,20 +130,23 @@ class TranscriptWriter:
                 ids.extend(pq.read_table(f, columns=["id"]).column("id").to_pylist())
         return ids
 
-    def write(self, batch: pa.Table) -> pa.Table:
-        """Queue ``batch`` for writing; returns it as written (duplicate ids marked)."""
+    def write(self, batch: pa.Table, segments: pa.Table | None = None) -> pa.Table:
+        """Queue recording rows (and their segment rows, committed in the same part) for writing;
+        returns the rows as written (duplicate ids marked)."""
         batch = self._mark_duplicates(batch.cast(self.schema))
         self._pending.append(batch)
         self._pending_rows += batch.num_rows
-        while self._pending_rows >= self.rows_per_file:
-            table = pa.concat_tables(self._pending)
-            self._flush(table.slice(0, self.rows_per_file))
-            rest = table.slice(self.rows_per_file)
-            self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-        if self._pending_rows and time.monotonic() - self._last_flush > self.flush_interval_s:
-            self._flush(pa.concat_tables(self._pending))
-            self._pending, self._pending_rows = [], 0
+        if segments is not None and segments.num_rows:
+            self._pending_segments.append(segments.cast(SEGMENT_TABLE_SCHEMA))
+        if self._pending_rows >= self.rows_per_file or (
+                self._pending_rows and time.monotonic() - self._last_flush > self.flush_interval_s):
+            self._flush_pending()
         return batch
+
+    def _flush_pending(self) -> None:
+        # One part may exceed rows_per_file by less than a batch: a part is a recording-complete unit.
+        self._flush(pa.concat_tables(self._pending) if self._pending else self.schema.empty_table())
+        self._pending, self._pending_rows = [], 0
 
     def _mark_duplicates(self, batch: pa.Table) -> pa.Table:
         """A row whose id an earlier row of this job already used keeps its place, with status
@@ -155,24 +165,31 @@ class TranscriptWriter:
             "id ", ids, " already appeared earlier in the manifest; only its first row is transcribed", ""),
             batch.column("error"))
         batch = batch.set_column(batch.schema.get_field_index("status"), "status", status)
-        return batch.set_column(batch.schema.get_field_index("error"), "error", error)
+        return batch.set_column(batch.schema.get_field_index("error"), "error", error).cast(self.schema)
 
     def close(self) -> None:
-        if self._pending_rows or not (self.files or self.committed_parts()):  # an empty job still gets one file
-            self._flush(pa.concat_tables(self._pending) if self._pending else self.schema.empty_table())
-        self._pending, self._pending_rows = [], 0
+        if self._pending_rows or self._pending_segments or not (self.files or self.committed_parts()):
+            self._flush_pending()  # an empty job still gets one (empty) file
 
     def _flush(self, table: pa.Table) -> None:
+        """Segments first, then the transcripts part under the same name: the transcripts part is
+        the commit, and a segments part without one is an interrupted write (removed on resume)."""
         name = f"part-{self.attempt:03d}-{len(self.files):05d}.parquet"
-        final = f"{self.dir}/{name}"
-        temp = f"{self.dir}/_tmp-{name}"
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        with self.fs.open(temp, "wb") as f:
-            f.write(buffer.getvalue())
-        self.fs.mv(temp, final)
+        segments = (pa.concat_tables(self._pending_segments) if self._pending_segments
+                    else SEGMENT_TABLE_SCHEMA.empty_table())
+        self._pending_segments = []
+        self._put(segments, f"{self.segments_dir}/{name}")
+        self._put(table, f"{self.dir}/{name}", temp=f"{self.dir}/_tmp-{name}")
         self.files.append(join_uri(self.output_uri, "transcripts", name))
         self._last_flush = time.monotonic()
+
+    def _put(self, table: pa.Table, path: str, temp: str | None = None) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        with self.fs.open(temp or path, "wb") as f:
+            f.write(buffer.getvalue())
+        if temp:
+            self.fs.mv(temp, path)
 
 
 def tally_output(writer: TranscriptWriter) -> "JobTally":

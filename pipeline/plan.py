@@ -1,7 +1,8 @@
 """The Ray Data graph: the only module that knows Ray exists.
 
-manifest read -> PrepareStage -> DecodeStage (CPU tasks) -> InferenceStage (actor pool, one model
-replica per actor) -> ScoreStage -> streamed to the driver's TranscriptWriter -> summary.json.
+manifest read -> PrepareStage -> DecodeStage (CPU tasks: decode, resample, cut long audio into
+segments) -> InferenceStage (actor pool, one model replica per actor) -> ScoreStage -> streamed to
+the driver: Assembler (segments back into recordings) -> TranscriptWriter -> summary.json.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .assemble import Assembler, SubtitleWriter
 from .config import EngineConfig, JobConfig
 from .engines import preflight
 from .manifest import PrepareStage, detect_format, extra_fields, read_manifest, read_manifest_schema
@@ -96,7 +98,7 @@ def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None):
         batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS,
     )
     ds = ds.map_batches(
-        DecodeStage(cfg.audio, cfg.storage.options, extras),
+        DecodeStage(cfg.audio, cfg.segment, cfg.storage.options, extras),
         batch_format="pyarrow", batch_size=max(1, e.batch_size // 2), num_cpus=cfg.audio.decode_cpus,
     )
     ds = ds.map_batches(
@@ -148,12 +150,14 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
 
     skip = ray.put(resume.committed_ids) if resume.committed_rows else None
     ds, _ = build_dataset(cfg, manifest_uri, skip)
+    assembler = Assembler(transcript_schema(extras), cfg.scoring,
+                          SubtitleWriter(output_uri, cfg.output.subtitles, cfg.storage.options))
     run = JobTally()  # this attempt's rows, for progress and throughput
     last_log = clock
     budget = cfg.output
     stopped_early = False
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        run.add(writer.write(batch))
+        run.add(writer.write(*assembler.add(batch)))
         if run.n_input >= budget.budget_min_rows and run.failed_fraction() > budget.max_failed_fraction:
             log.error("stopping: %d of %d rows failed (%s), over max_failed_fraction %g; what completed is kept",
                       run.n_failed, run.n_input, dict(run.by_status), budget.max_failed_fraction)
@@ -162,8 +166,11 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
         if time.perf_counter() - last_log > cfg.output.progress_interval_s:
             last_log = time.perf_counter()
             elapsed = last_log - clock
-            log.info("progress: %d rows (%d failed), %.2f h of audio, %.1f s elapsed, RTFx %.1f",
-                     run.n_input, run.n_failed, run.audio_s / 3600, elapsed, run.audio_s / elapsed)
+            log.info("progress: %d rows (%d failed), %.2f h of audio, %.1f s elapsed, RTFx %.1f, "
+                     "%d long recordings in progress", run.n_input, run.n_failed, run.audio_s / 3600, elapsed,
+                     run.audio_s / elapsed, assembler.pending)
+    if not stopped_early:
+        run.add(writer.write(*assembler.close()))
     writer.close()
     wall = time.perf_counter() - clock
     summary = build_summary(

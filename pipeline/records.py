@@ -57,8 +57,23 @@ TRANSCRIPT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("deletions", pa.int64()),
     pa.field("insertions", pa.int64()),
     pa.field("wer", pa.float64()),  # the row's error rate in `metric` units
+    # Long and multi-channel recordings (see pipeline/assemble.py); per-segment rows are in segments/.
+    pa.field("segments", pa.int32()),  # segments transcribed for this recording (all channels)
+    pa.field("channel_texts", pa.list_(pa.struct([
+        ("channel", pa.string()), ("text", pa.string()), ("speaking_s", pa.float64()),
+    ]))),  # audio.channels: split only
+    pa.field("overlap_s", pa.float64()),  # split: time two or more channels speak at once
+    pa.field("conversation", pa.list_(pa.struct([
+        ("channel", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string()),
+    ]))),  # split: every channel's segments ordered by start time
 )
 TRANSCRIPT_COLUMNS: tuple[str, ...] = tuple(f.name for f in TRANSCRIPT_FIELDS)
+# Columns rows carry between stages but never output (stages.py); a manifest column of the same
+# name is carried through renamed, like one that clashes with an output column.
+INTERNAL_COLUMNS: tuple[str, ...] = (
+    "samples", "keywords", "recording_key", "channel", "n_channels", "segment_index", "n_segments",
+    "start_s", "end_s", "seam_overlap_s", "speech",
+)
 
 
 def transcript_schema(extra_fields: list[pa.Field] | tuple[pa.Field, ...] = ()) -> pa.Schema:
@@ -67,3 +82,18 @@ def transcript_schema(extra_fields: list[pa.Field] | tuple[pa.Field, ...] = ()) 
     if clash:
         raise ValueError(f"carried-through columns clash with output columns: {clash}")
     return pa.schema(list(TRANSCRIPT_FIELDS) + list(extra_fields))
+
+
+# One row per transcribed segment: OUTPUT/segments/ (timestamps; the recording row holds the whole).
+SEGMENT_TABLE_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("id", pa.string(), nullable=False),  # the recording's id
+    pa.field("channel", pa.string()),  # null when channels are mixed
+    pa.field("segment_index", pa.int32()),
+    pa.field("start_s", pa.float64()),
+    pa.field("end_s", pa.float64()),
+    pa.field("text", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("avg_logprob", pa.float64()),
+)
+SEGMENT_TABLE_SCHEMA = pa.schema(list(SEGMENT_TABLE_FIELDS))

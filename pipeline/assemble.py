@@ -1,0 +1,198 @@
+"""Recordings put back together from their segments, on the driver, as results stream in.
+
+Segments of one recording reach the driver in any order, mixed with other recordings' rows
+(they were spread over every engine actor). :class:`Assembler` holds the *text* of segments
+whose recording is not complete yet (never audio) and, when the last one arrives, emits:
+
+* one recording row for ``transcripts/``: the stitched text (:func:`pipeline.stitch.stitch`),
+  or, with ``audio.channels: split``, one text per channel, a conversation ordered by start time,
+  speaking and cross-talk time; scored against the recording's reference;
+* its rows for ``segments/``: one per segment, with timestamps;
+* optionally SRT / WebVTT files under ``subtitles/``.
+
+A recording of one segment (most clips) passes straight through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+from .config import ScoringConfig
+from .records import SEGMENT_TABLE_SCHEMA, Status
+from .segment import Segment
+from .stages import SEGMENT_COLUMNS, score_row
+from .stitch import conversation, speaking_stats, stitch
+from .storage import url_to_fs
+from .subtitles import to_srt, to_webvtt
+
+OK = Status.OK.value
+_RATE = 16_000
+
+
+def subtitle_name(row_id: str) -> str:
+    """A file name for a recording id that cannot leave its folder: unsafe characters replaced,
+    length bounded, and a hash of the exact id appended so distinct ids never share a file."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", row_id)[:80].lstrip(".") or "recording"
+    return f"{safe}-{hashlib.sha1(row_id.encode()).hexdigest()[:8]}"
+
+
+class SubtitleWriter:
+    """Writes ``<output>/subtitles/<name>.srt`` / ``.vtt`` for each finished recording."""
+
+    def __init__(self, output_uri: str, formats: Iterable[str], storage_options: dict[str, Any]):
+        self.formats = tuple(formats)
+        self.fs, root = url_to_fs(output_uri, storage_options)
+        self.dir = root.rstrip("/") + "/subtitles"
+        if self.formats:
+            self.fs.makedirs(self.dir, exist_ok=True)
+
+    def write(self, row_id: str, cues: list[tuple[float, float, str]]) -> None:
+        if not self.formats or not cues:
+            return
+        name = subtitle_name(row_id)
+        for fmt in self.formats:
+            text = to_srt(cues) if fmt == "srt" else to_webvtt(cues)
+            with self.fs.open(f"{self.dir}/{name}.{fmt}", "w", encoding="utf-8") as f:
+                f.write(text)
+
+
+@dataclass
+class _Pending:
+    first: dict[str, Any]
+    n_channels: int
+    expected: dict[str | None, int] = field(default_factory=dict)
+    parts: dict[str | None, dict[int, dict[str, Any]]] = field(default_factory=dict)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.expected[row["channel"]] = row["n_segments"]
+        self.parts.setdefault(row["channel"], {})[row["segment_index"]] = row
+
+    @property
+    def complete(self) -> bool:
+        return len(self.parts) == self.n_channels and all(
+            len(self.parts[c]) == n for c, n in self.expected.items())
+
+
+class Assembler:
+    """Segment rows in (schema: stages.scored_schema), recording and segment rows out."""
+
+    def __init__(self, transcript_schema: pa.Schema, scoring: ScoringConfig,
+                 subtitles: SubtitleWriter | None = None):
+        self.schema = transcript_schema
+        self.scoring = scoring
+        self.subtitles = subtitles
+        self._pending: dict[str, _Pending] = {}
+
+    @property
+    def pending(self) -> int:
+        """Recordings waiting for more segments."""
+        return len(self._pending)
+
+    def add(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+        recordings, segments = [], []
+        for row in batch.to_pylist():
+            if row["n_channels"] == 1 and row["n_segments"] == 1 and row["channel"] is None:
+                self._finish([row], recordings, segments, split=False)
+                continue
+            key = row["recording_key"]
+            entry = self._pending.setdefault(key, _Pending(row, row["n_channels"]))
+            entry.add(row)
+            if entry.complete:
+                del self._pending[key]
+                rows = [r for c in entry.parts for _, r in sorted(entry.parts[c].items())]
+                self._finish(rows, recordings, segments, split=rows[0]["channel"] is not None)
+        return (pa.Table.from_pylist(recordings, schema=self.schema),
+                pa.Table.from_pylist(segments, schema=SEGMENT_TABLE_SCHEMA))
+
+    def close(self) -> tuple[pa.Table, pa.Table]:
+        """Recordings still incomplete when the stream ended (segments lost on the way, which the
+        pipeline does not do): emitted with what arrived and status inference_error, never dropped."""
+        recordings, segments = [], []
+        for entry in self._pending.values():
+            rows = [r for c in entry.parts for _, r in sorted(entry.parts[c].items())]
+            got = len(rows)
+            want = sum(entry.expected.values())
+            self._finish(rows, recordings, segments, split=rows[0]["channel"] is not None,
+                         missing=f"only {got} of {want}+ segments arrived")
+        self._pending.clear()
+        return (pa.Table.from_pylist(recordings, schema=self.schema),
+                pa.Table.from_pylist(segments, schema=SEGMENT_TABLE_SCHEMA))
+
+    def _finish(self, rows: list[dict], recordings: list, segments: list, *, split: bool,
+                missing: str | None = None) -> None:
+        decoded = rows[0]["duration_s"] is not None
+        if decoded:
+            segments.extend(_segment_row(r) for r in rows)
+        recording = self._recording(rows, split) if len(rows) > 1 or split else dict(rows[0])
+        if missing:
+            recording["status"], recording["error"] = Status.INFERENCE_ERROR.value, missing
+        recording["segments"] = len(rows) if decoded else 0
+        if len(rows) > 1 or split:
+            score_row(recording, self.scoring)
+        if self.subtitles and decoded:
+            self.subtitles.write(recording["id"], _cues(rows, split))
+        for name in SEGMENT_COLUMNS:
+            recording.pop(name, None)
+        recordings.append(recording)
+
+    def _recording(self, rows: list[dict], split: bool) -> dict[str, Any]:
+        row = dict(rows[0])
+        failed = [r for r in rows if r["status"] != OK]
+        if failed:
+            bad = failed[0]
+            where = f"{bad['channel']} " if bad["channel"] else ""
+            row["status"] = bad["status"]
+            row["error"] = (f"{len(failed)} of {len(rows)} segments failed; first: {where}segment {bad['segment_index']} "
+                            f"({bad['start_s']:.1f}-{bad['end_s'] or 0:.1f} s): {bad['error']}")
+        else:
+            row["status"], row["error"] = OK, None
+        ok = [r for r in rows if r["status"] == OK]
+        weights = [(r["end_s"] - r["start_s"], r["avg_logprob"]) for r in ok if r["avg_logprob"] is not None]
+        total = sum(w for w, _ in weights)
+        row["avg_logprob"] = sum(w * v for w, v in weights) / total if total else None
+        row["inference_s"] = sum(r["inference_s"] or 0.0 for r in rows)
+        stamps = [r["finished_at"] for r in rows if r["finished_at"] is not None]
+        row["finished_at"] = max(stamps) if stamps else None
+        row["language"] = next((r["language"] for r in rows if r["language"]), None)
+        by_channel: dict[str | None, list[dict]] = {}
+        for r in rows:
+            by_channel.setdefault(r["channel"], []).append(r)
+        texts = {c: stitch([r["text"] if r["status"] == OK else None for r in rs], [_segment(r) for r in rs])
+                 for c, rs in by_channel.items()}
+        if not split:
+            row["text"] = texts[None] if ok else None
+            return row
+        speech = {c: (rs[0]["speech"] if rs[0]["speech"] is not None else [(r["start_s"], r["end_s"]) for r in rs])
+                  for c, rs in by_channel.items()}
+        stats = speaking_stats(speech)
+        row["channel_texts"] = [{"channel": c, "text": t, "speaking_s": round(stats.speaking_s[c], 3)}
+                                for c, t in texts.items()]
+        row["overlap_s"] = round(stats.overlap_s, 3)
+        row["conversation"] = conversation({c: [(r["start_s"], r["end_s"], r["text"]) for r in rs if r["status"] == OK]
+                                            for c, rs in by_channel.items()})
+        row["text"] = "\n".join(f"{turn['channel']}: {turn['text']}" for turn in row["conversation"]) if ok else None
+        return row
+
+
+def _segment(row: dict) -> Segment:
+    return Segment(row["segment_index"], round(row["start_s"] * _RATE), round((row["end_s"] or 0) * _RATE),
+                   round((row["seam_overlap_s"] or 0) * _RATE))
+
+
+def _segment_row(row: dict) -> dict:
+    return {"id": row["id"], "channel": row["channel"], "segment_index": row["segment_index"],
+            "start_s": row["start_s"], "end_s": row["end_s"], "text": row["text"], "status": row["status"],
+            "error": row["error"], "avg_logprob": row["avg_logprob"]}
+
+
+def _cues(rows: list[dict], split: bool) -> list[tuple[float, float, str]]:
+    ok = [r for r in rows if r["status"] == OK and (r["text"] or "").strip()]
+    if split:
+        return [(r["start_s"], r["end_s"], f"{r['channel']}: {r['text'].strip()}")
+                for r in sorted(ok, key=lambda r: (r["start_s"], r["channel"]))]
+    return [(r["start_s"], r["end_s"], r["text"].strip()) for r in ok]
