@@ -149,6 +149,29 @@ def _report(s: dict, summary_uri: str) -> str:
     return "\n".join(lines)
 
 
+@main.command("bench-memory")
+@click.option("--eval-dir", type=click.Path(file_okay=False, exists=True), default="../shared/eval", show_default=True,
+              help="A folder with manifest.jsonl and the clips it names.")
+@click.option("--rows", default=200, show_default=True, help="Rows of the small manifest (the large one has 10x).")
+@click.option("--hours", default=1.0, show_default=True, help="Length of the long recording (0 to skip).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Config overrides for the measured jobs (default engine: fake).")
+def bench_memory(eval_dir: str, rows: int, hours: float, overrides: tuple[str, ...]) -> None:
+    """Peak memory of real jobs: N vs 10 x N rows (streaming), and one long recording.
+
+    Each job runs as `quarry run` in a child process; its whole process tree (driver, local Ray,
+    workers, actors) is sampled for resident memory every 0.2 s.
+    """
+    from pathlib import Path
+
+    from .bench_memory import HEADER, run as run_bench
+
+    sets = ["engine.name=fake", *overrides]
+    click.echo(HEADER)
+    for result in run_bench(Path(eval_dir), rows, hours, sets):
+        click.echo(result.line())
+
+
 # --- quarry report / quarry export: read a finished output; they never start Ray ------------------
 
 

@@ -91,7 +91,11 @@ class WhisperOptions(_Section):
 
     compute_type: str = Field("int8", description="CTranslate2 compute type (int8, float32, ...).")
     beam_size: int = Field(5, ge=1)
-    without_timestamps: bool = Field(True, description="Text-only decoding (better WER on clips).")
+    without_timestamps: bool | Literal["auto"] = Field(
+        "auto",
+        description="Text-only decoding. auto: on for whole clips (better WER there), off for segments "
+        "of longer recordings (a window holding several utterances loses sentences in text-only mode).",
+    )
     cpu_threads: int = Field(0, ge=0, description="CTranslate2 threads per replica; 0 = CPUs given to the actor.")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     vad_filter: bool = False

@@ -162,6 +162,7 @@ class InferenceStage:
                 task=row["task"],
                 target_language=row["target_language"],
                 keywords=tuple(row["keywords"] or ()),
+                segment=row["n_segments"] > 1,
             )
             for row in todo
         ]

@@ -26,6 +26,7 @@ class EngineRequest:
     task: str = "transcribe"  # "transcribe" | "translate"
     target_language: str | None = None  # for task == "translate"
     keywords: tuple[str, ...] = ()  # biasing hints, already sanitised
+    segment: bool = False  # a piece of a longer recording (cut at pauses), not a whole clip
 
     @property
     def duration_s(self) -> float:

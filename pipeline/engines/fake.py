@@ -18,7 +18,6 @@ import numpy as np
 from ..records import Status
 from .base import EngineRequest, EngineResult
 
-
 SLOW_S = 0.25  # seconds a ``slow-engine*`` request takes
 
 

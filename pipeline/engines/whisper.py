@@ -136,7 +136,7 @@ class WhisperEngine:
             language=lang,
             task=req.task,
             beam_size=o.beam_size,
-            without_timestamps=o.without_timestamps,
+            without_timestamps=(not req.segment) if o.without_timestamps == "auto" else o.without_timestamps,
             vad_filter=o.vad_filter,
             hotwords=", ".join(req.keywords) if req.keywords else None,
         )

@@ -1,0 +1,117 @@
+"""``quarry bench-memory``: peak memory of real jobs, side by side in one run.
+
+Two comparisons, each a real ``quarry run`` in a child process whose whole process tree (the
+driver, the local Ray it starts, every worker and actor) is sampled for resident memory:
+
+* **streaming**: a manifest of N rows and one of 10 x N rows (the same clips, cycled). A job that
+  streams uses about the same memory for both; one that materialises grows ~10x.
+* **one long recording**: a single recording of ``--hours`` hours (clips joined with pauses),
+  cut into segments and transcribed across the actor pool.
+
+The engine is ``fake`` by default: the figures are the pipeline's own, not a model's weights.
+Resident memory counts the pages of Ray's shared object store that a process touched, so the
+tree total is an upper bound.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import soundfile as sf
+import soxr
+
+RATE = 16_000
+
+
+@dataclass(frozen=True)
+class MemoryRun:
+    label: str
+    rows: int
+    audio_s: float
+    wall_s: float
+    peak_tree_mib: float  # the most the whole process tree held at once
+    peak_driver_mib: float
+
+    def line(self) -> str:
+        return (f"{self.label:<34} {self.rows:>7} {self.audio_s / 3600:>8.2f} {self.wall_s:>8.1f} "
+                f"{self.peak_driver_mib:>12.0f} {self.peak_tree_mib:>12.0f}")
+
+
+HEADER = f"{'job':<34} {'rows':>7} {'audio h':>8} {'wall s':>8} {'driver MiB':>12} {'tree MiB':>12}"
+
+
+def _tree_rss(proc: psutil.Process) -> tuple[float, float]:
+    total, driver = 0, 0
+    try:
+        driver = proc.memory_info().rss
+        total = driver + sum(c.memory_info().rss for c in proc.children(recursive=True) if c.is_running())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+    return total / 2**20, driver / 2**20
+
+
+def measure(label: str, manifest: Path, out: Path, overrides: list[str]) -> MemoryRun:
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--manifest", str(manifest), "--output", str(out),
+           "--overwrite", *[a for o in overrides for a in ("--set", o)]]
+    started = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = psutil.Process(child.pid)
+    peak_tree = peak_driver = 0.0
+    while child.poll() is None:
+        tree, driver = _tree_rss(proc)
+        peak_tree, peak_driver = max(peak_tree, tree), max(peak_driver, driver)
+        time.sleep(0.2)
+    log = child.stdout.read() if child.stdout else ""
+    if child.returncode != 0:
+        raise RuntimeError(f"{label}: quarry run failed ({child.returncode}):\n{log[-2000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    return MemoryRun(label, summary["n_input"], summary["audio_s"], time.perf_counter() - started,
+                     peak_tree, peak_driver)
+
+
+def _clips(eval_dir: Path, limit: int) -> list[dict]:
+    rows = [json.loads(line) for line in (eval_dir / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["duration_s"] < 30][:limit]
+
+
+def run(eval_dir: Path, rows: int, hours: float, overrides: list[str]) -> list[MemoryRun]:
+    work = Path(tempfile.mkdtemp(prefix="quarry-bench-memory-"))
+    try:
+        clips = _clips(eval_dir, 40)
+        results = []
+        for n in (rows, rows * 10):
+            manifest = work / f"m{n}.jsonl"
+            with manifest.open("w") as f:
+                for i in range(n):
+                    clip = clips[i % len(clips)]
+                    f.write(json.dumps({"id": f"r{i:07d}", "audio": str(eval_dir / clip["audio"])}) + "\n")
+            results.append(measure(f"manifest of {n} clips", manifest, work / f"out{n}", overrides))
+        if hours > 0:
+            long_path = work / "long.flac"
+            rng = np.random.default_rng(0)
+            with sf.SoundFile(long_path, "w", RATE, 1, format="FLAC") as f:  # written in pieces
+                written = 0
+                while written < hours * 3600 * RATE:
+                    for clip in clips:
+                        audio, rate = sf.read(eval_dir / clip["audio"], dtype="float32", always_2d=True)
+                        mono = audio.mean(axis=1)
+                        if rate != RATE:
+                            mono = soxr.resample(mono, rate, RATE)
+                        piece = np.concatenate([mono, (rng.standard_normal(RATE) * 1e-4)])
+                        f.write(piece.astype(np.float32))
+                        written += len(piece)
+            manifest = work / "long.jsonl"
+            manifest.write_text(json.dumps({"id": "long", "audio": str(long_path)}) + "\n")
+            results.append(measure(f"one {hours:g} h recording", manifest, work / "out-long", overrides))
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
