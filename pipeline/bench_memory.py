@@ -40,13 +40,14 @@ class MemoryRun:
     wall_s: float
     peak_tree_mib: float  # the most the whole process tree held at once
     peak_driver_mib: float
+    n_ok: int
 
     def line(self) -> str:
         return (f"{self.label:<34} {self.rows:>7} {self.audio_s / 3600:>8.2f} {self.wall_s:>8.1f} "
-                f"{self.peak_driver_mib:>12.0f} {self.peak_tree_mib:>12.0f}")
+                f"{self.peak_driver_mib:>12.0f} {self.peak_tree_mib:>12.0f} {self.n_ok:>7}")
 
 
-HEADER = f"{'job':<34} {'rows':>7} {'audio h':>8} {'wall s':>8} {'driver MiB':>12} {'tree MiB':>12}"
+HEADER = f"{'job':<34} {'rows':>7} {'audio h':>8} {'wall s':>8} {'driver MiB':>12} {'tree MiB':>12} {'ok':>7}"
 
 
 def _tree_rss(proc: psutil.Process) -> tuple[float, float]:
@@ -75,7 +76,7 @@ def measure(label: str, manifest: Path, out: Path, overrides: list[str]) -> Memo
         raise RuntimeError(f"{label}: quarry run failed ({child.returncode}):\n{log[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
     return MemoryRun(label, summary["n_input"], summary["audio_s"], time.perf_counter() - started,
-                     peak_tree, peak_driver)
+                     peak_tree, peak_driver, summary["n_ok"])
 
 
 def _clips(eval_dir: Path, limit: int) -> list[dict]:
@@ -84,6 +85,7 @@ def _clips(eval_dir: Path, limit: int) -> list[dict]:
 
 
 def run(eval_dir: Path, rows: int, hours: float, overrides: list[str]) -> list[MemoryRun]:
+    eval_dir = eval_dir.resolve()
     work = Path(tempfile.mkdtemp(prefix="quarry-bench-memory-"))
     try:
         clips = _clips(eval_dir, 40)
