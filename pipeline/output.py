@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from .records import SEGMENT_TABLE_SCHEMA, Status
 from .scoring import CorpusTally
-from .storage import join_uri, url_to_fs
+from .storage import join_uri, retry_call, url_to_fs, write_bytes
 
 
 class OutputExistsError(RuntimeError):
@@ -112,8 +112,8 @@ class TranscriptWriter:
             self.fs.rm(leftover)
         ids = self._read_ids(parts)
         self.attempt = (previous or {}).get("attempts", 0) + 1
-        with self.fs.open(self.marker, "w") as f:
-            json.dump({"job": job_key, "attempts": self.attempt}, f, indent=2)
+        marker = json.dumps({"job": job_key, "attempts": self.attempt}, indent=2).encode()
+        retry_call(self.fs.pipe_file, self.marker, marker, what=f"write {self.marker}")
         return ResumeState(self.attempt, len(parts), len(ids), np.unique(id_hashes(ids)))
 
     def committed_parts(self) -> list[str]:
@@ -186,10 +186,15 @@ class TranscriptWriter:
     def _put(self, table: pa.Table, path: str, temp: str | None = None) -> None:
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
-        with self.fs.open(temp or path, "wb") as f:
-            f.write(buffer.getvalue())
-        if temp:
-            self.fs.mv(temp, path)
+        data = buffer.getvalue()
+
+        def once() -> None:  # safe to re-run: the temporary name is overwritten, then moved
+            with self.fs.open(temp or path, "wb") as f:
+                f.write(data)
+            if temp:
+                self.fs.mv(temp, path)
+
+        retry_call(once, what=f"write {path}")
 
 
 def tally_output(writer: TranscriptWriter) -> "JobTally":
@@ -290,8 +295,6 @@ def build_summary(tally: JobTally, *, job_wall_s: float, started_at: float, engi
 
 
 def write_summary(output_uri: str, summary: dict[str, Any], storage_options: dict[str, Any]) -> str:
-    fs, root = url_to_fs(output_uri, storage_options)
-    path = root.rstrip("/") + "/summary.json"
-    with fs.open(path, "w") as f:
-        json.dump(summary, f, indent=2, ensure_ascii=False)
-    return join_uri(output_uri, "summary.json")
+    uri = join_uri(output_uri, "summary.json")
+    write_bytes(uri, json.dumps(summary, indent=2, ensure_ascii=False).encode(), storage_options)
+    return uri

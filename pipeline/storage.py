@@ -18,8 +18,9 @@ import logging
 import posixpath
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow.fs as pafs
@@ -34,7 +35,7 @@ def has_scheme(uri: str) -> bool:
     return bool(_SCHEME.match(uri))
 
 
-def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, policy: "RetryPolicy | None" = None):
+def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, policy: RetryPolicy | None = None):
     """(fsspec filesystem, path inside it) for a URI, with request-level retries (``policy``,
     default :data:`DEFAULT_RETRY`) set up where the store takes them (s3://)."""
     return fsspec.core.url_to_fs(uri, **storage_options_for(uri, storage_options, policy or DEFAULT_RETRY))
