@@ -61,7 +61,9 @@ class AudioConfig(_Section):
         "HQ", description="soxr quality preset."
     )
     max_duration_s: float = Field(
-        3600.0 * 4, gt=0, description="Longer recordings are rejected with status too_long."
+        3600.0 * 12, gt=0,
+        description="Longer recordings get status too_long. A decode task holds the decoded recording "
+        "(about 230 MB per hour at 16 kHz), so this bounds its memory.",
     )
     decode_cpus: float = Field(
         0.5, gt=0, description="CPUs Ray reserves per decode task (fractional keeps actors fed)."

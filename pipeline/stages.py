@@ -84,10 +84,9 @@ class DecodeStage:
             yield pa.Table.from_pylist(out, schema=self.schema)
 
     def _rows(self, row: dict) -> Iterator[dict]:
-        whole = dict(recording_key=uuid.uuid4().hex, duration_s=None, source_sample_rate=None, source_channels=None, samples=None, channel=None,
-                     n_channels=1, segment_index=0, n_segments=1, start_s=0.0, end_s=None, seam_overlap_s=0.0,
-                     speech=None)
-        row.update(whole)
+        row.update(recording_key=uuid.uuid4().hex, duration_s=None, source_sample_rate=None, source_channels=None,
+                   samples=None, channel=None, n_channels=1, segment_index=0, n_segments=1, start_s=0.0, end_s=None,
+                   seam_overlap_s=0.0, speech=None)
         if row["status"] != OK:
             yield row
             return
@@ -109,7 +108,8 @@ class DecodeStage:
                    source_channels=decoded.source_channels)
         streams = decoded.samples.T if split else decoded.samples[None, :]
         row["n_channels"] = len(streams)
-        for c, samples in enumerate(streams):
+        for c, strided in enumerate(streams):
+            samples = np.ascontiguousarray(strided)  # one channel of an interleaved array: copy it once
             channel = self._channel_name(c) if split else None
             try:
                 segments = plan_segments(samples, max_s=self.segment.max_s, min_s=self.segment.min_s,
