@@ -63,7 +63,9 @@ def job(tmp_path_factory, ray_session):
     ]
     manifest = write_jsonl(folder / "manifest.jsonl", rows)
     out = folder / "out"
-    result = run_job(vllm_cfg(str(checkpoint), "task.keywords=[Granite]"), str(manifest), str(out))
+    # segment.max_s above what max_model_len holds: the minute-long row reaches the engine whole
+    # and must come back too_long (by default it would be cut into 30 s segments first).
+    result = run_job(vllm_cfg(str(checkpoint), "task.keywords=[Granite]", "segment.max_s=90"), str(manifest), str(out))
     return rows, read_transcripts(out).set_index("id"), result, engine
 
 

@@ -40,14 +40,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +59,6 @@ SPEC_NAME = "WhisperSpec"
 _DTYPES: tuple[str, ...] = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
 _GELU = 3  # ctranslate2.specs.common_spec.Activation.GELU
 _TIME_PRECISION_S = 0.02  # one timestamp token per 20 ms
-# CTranslate2's Whisper config keys -> transformers' generation-config keys.
 _LAYER = re.compile(r"^(encoder|decoder)/layer_(\d+)/")
 
 
@@ -98,7 +99,7 @@ class _Reader:
             raise ConversionError("model.bin is truncated or not a CTranslate2 model (bad string)")
         return raw[:-1].decode("utf-8")
 
-    def bytes(self, n: int) -> bytes:
+    def raw(self, n: int) -> bytes:
         raw = self.data[self.pos:self.pos + n]
         if len(raw) != n:
             raise ConversionError("model.bin is truncated")
@@ -130,7 +131,7 @@ def read_ct2_model(path: Path) -> Ct2Model:
         if type_id >= len(_DTYPES):
             raise ConversionError(f"{path}: variable {name!r} has unknown dtype id {type_id}")
         dtype = _DTYPES[type_id]
-        raw = reader.bytes(reader.unpack("I"))
+        raw = reader.raw(reader.unpack("I"))
         expected = int(np.prod(shape, dtype=np.int64)) * (2 if dtype == "bfloat16" else np.dtype(dtype).itemsize)
         if len(raw) != expected:
             raise ConversionError(f"{path}: variable {name!r} has {len(raw)} bytes, expected {expected}")
@@ -169,6 +170,8 @@ def _float_weights(model: Ct2Model) -> dict[str, np.ndarray]:
 
 
 def _scalar(model: Ct2Model, name: str) -> int:
+    if name not in model.variables:
+        raise ConversionError(f"model.bin has no {name!r}")
     return int(np.asarray(model.variables[name]).reshape(()))
 
 
@@ -185,7 +188,7 @@ def _check_spec(model: Ct2Model) -> None:
 def _split(weight: np.ndarray, bias: np.ndarray | None, parts: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
     ws = np.split(weight, parts, axis=0)
     bs = np.split(bias, parts, axis=0) if bias is not None else [None] * parts
-    return list(zip(ws, bs))
+    return list(zip(ws, bs, strict=True))
 
 
 def _map_weights(model: Ct2Model) -> tuple[dict[str, np.ndarray], bool]:
@@ -196,6 +199,8 @@ def _map_weights(model: Ct2Model) -> tuple[dict[str, np.ndarray], bool]:
     out: dict[str, np.ndarray] = {}
 
     def take(name: str) -> np.ndarray:
+        if name not in w:
+            raise ConversionError(f"model.bin has no float or quantised variable {name!r}")
         used.add(name)
         return w[name]
 
@@ -210,7 +215,7 @@ def _map_weights(model: Ct2Model) -> tuple[dict[str, np.ndarray], bool]:
 
     def fused(ct2: str, hf_prefix: str, names: Sequence[str]) -> None:
         pieces = _split(take(f"{ct2}/weight"), take(f"{ct2}/bias"), len(names))
-        for proj, (weight, b) in zip(names, pieces):
+        for proj, (weight, b) in zip(names, pieces, strict=True):
             out[f"{hf_prefix}.{proj}.weight"] = weight
             if proj == "k_proj":  # Whisper's k_proj has no bias; CTranslate2 fills in zeros
                 if b is not None and np.any(b != 0):
@@ -254,9 +259,8 @@ def _map_weights(model: Ct2Model) -> tuple[dict[str, np.ndarray], bool]:
     tied = model.aliases.get("decoder/projection/weight") == "decoder/embeddings/weight"
     if not tied:
         linear("decoder/projection", "proj_out", bias=False)
-    if "decoder/projection/bias" in w:
-        if np.any(take("decoder/projection/bias") != 0):
-            raise ConversionError("decoder/projection/bias is not zero; Whisper's proj_out has no bias")
+    if "decoder/projection/bias" in w and np.any(take("decoder/projection/bias") != 0):
+        raise ConversionError("decoder/projection/bias is not zero; Whisper's proj_out has no bias")
     left = sorted(set(w) - used)
     if left:
         raise ConversionError(f"weights this converter does not know how to place: {left[:8]}")
@@ -270,7 +274,8 @@ def _ct2_vocabulary(src: Path) -> list[str] | None:
     if (src / "vocabulary.json").exists():
         return list(json.loads((src / "vocabulary.json").read_text(encoding="utf-8")))
     if (src / "vocabulary.txt").exists():
-        return (src / "vocabulary.txt").read_text(encoding="utf-8").split("\n")[:-1]
+        lines = (src / "vocabulary.txt").read_text(encoding="utf-8").split("\n")  # one token a line
+        return lines[:-1] if lines and lines[-1] == "" else lines
     return None
 
 
@@ -349,8 +354,9 @@ def _configs(model: Ct2Model, weights: dict[str, np.ndarray], tied: bool, specia
         bos_token_id=eot,
         eos_token_id=eot,
         decoder_start_token_id=sot,
-        suppress_tokens=suppress,
-        begin_suppress_tokens=begin_suppress,
+        # Decoding settings live in generation_config.json only (transformers warns otherwise).
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
     )
     config.architectures = ["WhisperForConditionalGeneration"]
 
@@ -388,6 +394,16 @@ def _drop_load_time_keys(path: Path) -> None:
     for key in ("is_local", "local_files_only"):
         data.pop(key, None)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _usual_permissions(folder: Path) -> None:
+    """mkdtemp makes a private folder (and safetensors a private file); give the checkpoint the
+    modes a plain mkdir/open would have under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 # --- entry points ---------------------------------------------------------------------------
@@ -445,6 +461,7 @@ def convert(src: Path, dst: Path, *, dtype: str = "float32") -> Path:
         WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(staging)
         extractor.save_pretrained(staging)  # preprocessor_config.json too, for readers that want it
         _drop_load_time_keys(staging / "tokenizer_config.json")
+        _usual_permissions(staging)
         if dst.exists():
             dst.rmdir()
         staging.rename(dst)
