@@ -233,5 +233,49 @@ def export_command(output: str, fmt: str, dest: str, min_avg_logprob: float | No
     click.echo(f"{result.count} rows -> {result.path}")
 
 
+# --- quarry job: the ready-made jobs in jobs/ (pipeline/jobs.py) ----------------------------------
+
+
+@main.command("job")
+@click.argument("job_yaml", type=click.Path(dir_okay=False), metavar="JOB_YAML")
+@click.option("--date", "run_date", metavar="YYYY-MM-DD",
+              help="nightly-archive: the run's date, its output partition run_date=YYYY-MM-DD (default: today, UTC).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a key of the job's quarry config, e.g. --set engine.replicas=4. Repeatable.")
+@click.option("--overwrite", is_flag=True,
+              help="Start the job's output over (nightly-archive: this date's) instead of resuming it.")
+def job_command(job_yaml: str, run_date: str | None, overrides: tuple[str, ...], overwrite: bool) -> None:
+    """Run a job defined in JOB_YAML (kind: nightly-archive, call-center or dataset-labeling).
+
+    Paths in the job file are relative to its folder. A rerun resumes. Prints a one-screen summary.
+
+    Exit status: 0 when the job completed; 1 when the nightly canary's WER regressed past its
+    margin (the figures are printed) or failed rows exceed output.max_failed_fraction; 2 when the
+    job could not run.
+    """
+    from .engines import EngineUnavailable
+    from .exports import ExportError
+    from .jobs import JobError, run_job_file
+    from .manifest import ManifestError
+    from .output import OutputExistsError
+
+    try:
+        outcome = run_job_file(job_yaml, run_date=run_date, overrides=overrides, overwrite=overwrite, echo=click.echo)
+    except (JobError, ConfigError, ManifestError, OutputExistsError, EngineUnavailable, ExportError) as e:
+        _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - an engine that cannot start surfaces here through Ray
+        cause = _root_cause(e)
+        _fail(f"job failed: {type(cause).__name__}: {cause}")
+    if outcome.exit_code:
+        canary = getattr(outcome, "canary", None)
+        if canary is not None and not canary.passed:
+            click.echo(f"quarry: canary gate failed: {canary.line().splitlines()[-1].strip()}", err=True)
+        if outcome.summary["status"] != "completed":
+            s = outcome.summary
+            click.echo(f"quarry: failed rows {s['n_failed']}/{s['n_input']} exceed max_failed_fraction "
+                       f"{s['max_failed_fraction']}", err=True)
+        sys.exit(outcome.exit_code)
+
+
 if __name__ == "__main__":
     main()

@@ -40,17 +40,26 @@ class JobResult:
         return self.summary["status"] == "completed"
 
 
+def ray_address(cfg: JobConfig) -> str | None:
+    """The cluster to join: ``ray.address``, else ``RAY_ADDRESS`` (set for a ``ray job submit``
+    entrypoint); None starts a local Ray."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(cfg: JobConfig) -> None:
-    """Connect to the configured cluster, or start a local Ray bound to 127.0.0.1."""
+    """Connect to the configured cluster, or start a local Ray that listens on 127.0.0.1 only."""
+    address = ray_address(cfg)
+    if not address:
+        # Read by Ray when it is imported: with it, a local Ray binds its servers to loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
     env = {"OMP_NUM_THREADS": str(max(1, int(cfg.engine.cpus_per_replica))), "TOKENIZERS_PARALLELISM": "false"}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=False)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
         num_cpus=cfg.ray.num_cpus,
         object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None,
@@ -60,6 +69,10 @@ def init_ray(cfg: JobConfig) -> None:
         log_to_driver=False,
         configure_logging=False,
     )
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in ("127.0.0.1", "::1"):
+        log.warning("local Ray advertises %s, not loopback: Ray was imported before quarry could "
+                    "set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0", node_ip)
 
 
 def engine_replicas(e: EngineConfig) -> int:
@@ -135,7 +148,7 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
     clock = time.perf_counter()
     if not has_scheme(manifest_uri):  # workers may run elsewhere: audio URIs are resolved absolute
         manifest_uri = os.path.abspath(manifest_uri)
-    if not cfg.ray.address:
+    if not ray_address(cfg):
         preflight(cfg.engine)  # a local Ray's workers see this machine's files: fail before starting it
     fmt = detect_format(manifest_uri, cfg.input.format)
     extras = extra_fields(read_manifest_schema(manifest_uri, cfg), fmt, cfg.input.columns)
