@@ -113,6 +113,26 @@ def _jsonl_columns(lines: list[bytes], uri: str) -> pa.Schema:
     return pa.schema([pa.field(n, pa.string()) for n in names])
 
 
+def count_rows(uri: str, cfg: JobConfig) -> int | None:
+    """Rows in the manifest, for progress and ETA: Parquet from its footer, JSONL / CSV by counting
+    lines in one streamed pass (no parsing). None when it cannot be told cheaply."""
+    fmt = detect_format(uri, cfg.input.format)
+    try:
+        fs, path = url_to_fs(uri, cfg.storage.options)
+        if fmt == "parquet":
+            with fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).metadata.num_rows
+        lines, last = 0, b"\n"
+        with fs.open(path, "rb", compression="infer") as f:
+            while chunk := f.read(1 << 22):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+        lines += last != b"\n"  # a last line without its newline
+        return max(0, lines - (fmt == "csv"))  # the CSV header is not a row
+    except Exception:  # noqa: BLE001 - progress without an ETA is fine
+        return None
+
+
 def extra_fields(schema: pa.Schema, fmt: str, columns: ColumnsConfig) -> list[pa.Field]:
     """Carried-through columns: Parquet keeps its types; CSV and JSONL values travel as text.
 

@@ -17,7 +17,7 @@ from typing import Any
 from .assemble import Assembler, SubtitleWriter
 from .config import EngineConfig, JobConfig
 from .engines import preflight
-from .manifest import PrepareStage, detect_format, extra_fields, read_manifest, read_manifest_schema
+from .manifest import PrepareStage, count_rows, detect_format, extra_fields, read_manifest, read_manifest_schema
 from .output import JobTally, TranscriptWriter, build_summary, tally_output, write_summary
 from .records import transcript_schema
 from .stages import DecodeStage, InferenceStage, ScoreStage
@@ -127,6 +127,18 @@ def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None):
     return ds, transcript_schema(extras)
 
 
+def progress_line(run: JobTally, todo: int | None, elapsed_s: float, long_in_flight: int) -> str:
+    """One line for unattended logs: rows done (of how many), failures, audio hours, RTFx, ETA."""
+    done = f"{run.n_input}/{todo} rows ({run.n_input / todo:.0%})" if todo else f"{run.n_input} rows"
+    eta = "?"
+    if todo and run.n_input:
+        left_s = (todo - run.n_input) * elapsed_s / run.n_input
+        eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, left_s)))
+    rtfx = run.audio_s / elapsed_s if elapsed_s else 0.0
+    return (f"{done}, {run.n_failed} failed, {run.audio_s / 3600:.2f} h of audio, RTFx {rtfx:.1f}, "
+            f"ETA {eta}, {long_in_flight} long recordings in progress")
+
+
 def job_key(cfg: JobConfig, manifest_uri: str) -> dict[str, Any]:
     """What makes two runs the same job (a rerun may resume): the input and every setting that
     changes a row's result. Resources (replicas, batch sizes, Ray) may differ between attempts."""
@@ -166,6 +178,8 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
     assembler = Assembler(transcript_schema(extras), cfg.scoring,
                           SubtitleWriter(output_uri, cfg.output.subtitles, cfg.storage.options))
     run = JobTally()  # this attempt's rows, for progress and throughput
+    total = count_rows(manifest_uri, cfg)
+    todo = None if total is None else max(0, total - resume.committed_rows)
     last_log = clock
     budget = cfg.output
     stopped_early = False
@@ -178,10 +192,7 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
             break
         if time.perf_counter() - last_log > cfg.output.progress_interval_s:
             last_log = time.perf_counter()
-            elapsed = last_log - clock
-            log.info("progress: %d rows (%d failed), %.2f h of audio, %.1f s elapsed, RTFx %.1f, "
-                     "%d long recordings in progress", run.n_input, run.n_failed, run.audio_s / 3600, elapsed,
-                     run.audio_s / elapsed, assembler.pending)
+            log.info("progress: %s", progress_line(run, todo, last_log - clock, assembler.pending))
     if not stopped_early:
         run.add(writer.write(*assembler.close()))
     writer.close()

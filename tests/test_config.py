@@ -70,3 +70,19 @@ def test_a_model_that_cannot_be_found_fails_before_ray_starts(tmp_path, monkeypa
     with pytest.raises(EngineUnavailable, match="'large-v3'.*HF_HUB_OFFLINE"):
         run_job(load_config(None, ["engine.model=large-v3"]), str(tmp_path / "m.jsonl"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # it failed before claiming the output, so before Ray started
+
+
+def test_progress_line_gives_share_done_and_eta(tmp_path):
+    from pipeline.manifest import count_rows
+    from pipeline.output import JobTally
+    from pipeline.plan import progress_line
+
+    (tmp_path / "m.jsonl").write_text('{"audio": "a"}\n{"audio": "b"}\n{"audio": "c"}')  # no final newline
+    (tmp_path / "m.csv").write_text("audio\na\nb\n")
+    assert count_rows(str(tmp_path / "m.jsonl"), load_config(None)) == 3
+    assert count_rows(str(tmp_path / "m.csv"), load_config(None)) == 2
+    run = JobTally(n_input=25, audio_s=1800.0)
+    line = progress_line(run, 100, 60.0, 2)
+    assert line.startswith("25/100 rows (25%)") and "0.50 h of audio" in line and "RTFx 30.0" in line
+    assert "ETA 00:03:00" in line and "2 long recordings" in line  # 75 rows left at 25 rows a minute
+    assert "ETA ?" in progress_line(JobTally(), None, 5.0, 0)
