@@ -233,7 +233,7 @@ def export_command(output: str, fmt: str, dest: str, min_avg_logprob: float | No
     click.echo(f"{result.count} rows -> {result.path}")
 
 
-# --- quarry job: the ready-made jobs in jobs/ (pipeline/jobs.py) ----------------------------------
+# --- quarry job: the ready-made jobs in jobs/ (pipeline/jobs/) ----------------------------------
 
 
 @main.command("job")

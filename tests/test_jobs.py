@@ -1,4 +1,4 @@
-"""The ready-made jobs in jobs/ (pipeline/jobs.py, `quarry job`), end to end on the eval recordings.
+"""The ready-made jobs in jobs/ (pipeline/jobs/, `quarry job`), end to end on the eval recordings.
 
 * nightly-archive (offline whisper): two nights, the second transcribes only the new objects; the
   canary gate passes while the canary's WER holds and fails (exit 1, figures printed, last_good.json

@@ -1,0 +1,332 @@
+"""The ``call-center`` job: campaign keywords joined to the calls, split-channel transcription, and
+per-call analytics (talk time, words per minute, cross-talk, silence, keyword hits)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from ..config import JobConfig
+from ..storage import has_scheme, join_uri, parent_uri, url_to_fs
+from .results import JobResult, _job_lines
+from .spec import CallCenterJob, JobError, _remove, job_config
+
+log = logging.getLogger("quarry")
+
+INPUTS_NAME = "inputs.jsonl"
+ANALYTICS_DIR = "analytics"
+MANIFEST_CHUNK_ROWS = 4096
+_KEYWORD_SEP = re.compile(r"[;,]")
+
+
+@dataclass(frozen=True)
+class CallCenterResult(JobResult):
+    kind: ClassVar[str] = "call-center"
+    output: str
+    summary: dict[str, Any]
+    analytics: str
+    n_calls: int
+    channels: dict[str, dict[str, float]]  # channel -> {"talk_s": total, "wpm": mean}
+    keyword_hits: dict[str, int]  # keyword -> hits over all calls
+    unknown_campaigns: dict[str, int]  # campaign values with no keyword list -> calls
+
+    def _lines(self) -> list[str]:
+        lines = [f"call-center -> {self.output}", *_job_lines(self.summary),
+                 f"  analytics: {self.n_calls} calls -> {self.analytics}"]
+        for channel, figures in self.channels.items():
+            wpm = f"{figures['wpm']:.0f}" if figures["wpm"] is not None else "-"
+            lines.append(f"    {channel}: talk time {figures['talk_s']:.1f} s in all, mean {wpm} words/min")
+        hits = sorted(self.keyword_hits.items(), key=lambda kv: (-kv[1], kv[0]))[:8]
+        lines.append("    keyword hits: " + (", ".join(f"{k} {n}" for k, n in hits) if hits else "none"))
+        if self.unknown_campaigns:
+            lines.append("    campaigns without keywords: "
+                         + ", ".join(f"{k!r} ({n} calls)" for k, n in sorted(self.unknown_campaigns.items())))
+        return lines
+
+
+def read_campaigns(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, list[str]]:
+    """Campaign -> keywords (in order, duplicates of any case dropped) from a CSV with columns
+    ``campaign`` and ``keywords``. Keywords are separated by ``;`` or ``,``; with ``keywords`` as
+    the last column, an unquoted ``a,b,c`` after the campaign counts as one keywords cell. A
+    campaign on several lines gets the keywords of all of them."""
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        with fs.open(path, "rt", compression="infer", encoding="utf-8-sig", newline="") as f:
+            lines = list(csv.reader(f))
+    except FileNotFoundError as e:
+        raise JobError(f"campaigns file not found: {uri}") from e
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise JobError(f"campaigns file {uri} is not a readable CSV: {e}") from e
+    header = [name.strip() for name in lines[0]] if lines else []
+    missing = [c for c in ("campaign", "keywords") if c not in header]
+    if missing:
+        raise JobError(f"campaigns file {uri} lacks column(s) {missing} (has {header})")
+    at_campaign, at_keywords = header.index("campaign"), header.index("keywords")
+    last = at_keywords == len(header) - 1
+    campaigns: dict[str, list[str]] = {}
+    for number, row in enumerate(lines[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) > len(header) and not last:
+            raise JobError(f"campaigns file {uri}, line {number}: more fields than columns; quote a keywords "
+                           "cell that holds commas")
+        campaign = row[at_campaign].strip() if at_campaign < len(row) else ""
+        if not campaign:
+            continue
+        cells = row[at_keywords:] if last else row[at_keywords:at_keywords + 1]
+        words = campaigns.setdefault(campaign, [])
+        for keyword in _KEYWORD_SEP.split(",".join(cells)):
+            keyword = " ".join(keyword.split())
+            if keyword and keyword.casefold() not in {w.casefold() for w in words}:
+                words.append(keyword)
+    return campaigns
+
+
+def _iter_manifest(uri: str, fmt: str, storage_options: dict[str, Any]) -> Iterator[list[dict[str, Any] | str]]:
+    """The manifest in chunks of rows, never whole: Parquet row batches and CSV blocks through
+    pyarrow's streaming readers (CSV as text, as the pipeline reads it), JSONL line by line (a line
+    that is not a JSON object comes back as its raw text, for the pipeline to mark invalid_row)."""
+    from ..manifest import ManifestError
+
+    fs, path = url_to_fs(uri, storage_options)
+    if not fs.exists(path):
+        raise ManifestError(f"manifest not found: {uri}")
+    if fmt == "parquet":
+        with fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=MANIFEST_CHUNK_ROWS):
+                yield batch.to_pylist()
+    elif fmt == "csv":
+        with fs.open(path, "rb", compression="infer") as f:
+            names = pacsv.open_csv(f).schema.names
+        with fs.open(path, "rb", compression="infer") as f:
+            reader = pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in names}, strings_can_be_null=True, null_values=[""]))
+            for batch in reader:
+                yield batch.to_pylist()
+    else:
+        chunk: list[dict[str, Any] | str] = []
+        with fs.open(path, "rt", compression="infer", encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except ValueError:
+                    value = None
+                chunk.append(value if isinstance(value, dict) else line.rstrip("\n"))
+                if len(chunk) >= MANIFEST_CHUNK_ROWS:
+                    yield chunk
+                    chunk = []
+        if chunk:
+            yield chunk
+
+
+def join_campaign_keywords(manifest_uri: str, output_uri: str, campaigns: dict[str, list[str]], campaign_column: str,
+                           cfg: JobConfig) -> tuple[str, int, Counter]:
+    """Stream the manifest into ``<output>/inputs.jsonl`` with each row's campaign keywords added to
+    its ``keywords`` column (after any keywords of its own) and its audio path made absolute.
+    Returns (the written manifest's URI, rows, calls per campaign that has no keyword list)."""
+    from ..manifest import detect_format, parse_keywords, resolve_audio_uri
+
+    fmt = detect_format(manifest_uri, cfg.input.format)
+    columns = cfg.input.columns
+    opts = cfg.storage.options
+    manifest_dir = parent_uri(manifest_uri if has_scheme(manifest_uri) else os.path.abspath(manifest_uri))
+    by_folded = {name.casefold(): words for name, words in campaigns.items()}
+    fs, out = url_to_fs(output_uri, opts)
+    fs.makedirs(out, exist_ok=True)
+    final, temp = f"{out.rstrip('/')}/{INPUTS_NAME}", f"{out.rstrip('/')}/_tmp-{INPUTS_NAME}"
+    n_rows, unknown, saw_column = 0, Counter(), False
+    try:
+        with fs.open(temp, "w", encoding="utf-8") as f:
+            for chunk in _iter_manifest(manifest_uri, fmt, opts):
+                lines = []
+                for row in chunk:
+                    n_rows += 1
+                    if isinstance(row, str):  # not a JSON object: passed on, the job marks it invalid_row
+                        lines.append(row)
+                        continue
+                    saw_column = saw_column or campaign_column in row
+                    campaign = row.get(campaign_column)
+                    campaign = str(campaign).strip() if campaign is not None else ""
+                    keywords = by_folded.get(campaign.casefold())
+                    if keywords is None:
+                        unknown[campaign or "(none)"] += 1
+                    row = dict(row)
+                    audio = row.get(columns.audio)
+                    if isinstance(audio, str) and audio.strip():
+                        row[columns.audio] = resolve_audio_uri(audio.strip(), manifest_dir)
+                    own = parse_keywords(row.get(columns.keywords))
+                    row[columns.keywords] = own + [k for k in keywords or [] if k.casefold() not in
+                                                   {o.casefold() for o in own}]
+                    lines.append(json.dumps(row, ensure_ascii=False, default=str))
+                if lines:
+                    f.write("\n".join(lines) + "\n")
+        if n_rows and not saw_column:
+            raise JobError(f"manifest {manifest_uri} has no {campaign_column!r} column (campaign_column)")
+        fs.mv(temp, final)
+    except BaseException:
+        if fs.exists(temp):
+            fs.rm(temp)
+        raise
+    return join_uri(output_uri, INPUTS_NAME), n_rows, unknown
+
+
+def keyword_hits(text: str, keywords: list[str]) -> list[dict[str, Any]]:
+    """How often each keyword occurs in ``text``: case-insensitive, whole words (a phrase matches
+    across any whitespace; "plan" does not match "plans" or "airplane")."""
+    hits = []
+    for keyword in keywords:
+        words = keyword.split()
+        if not words:
+            continue
+        pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
+        hits.append({"keyword": keyword, "count": len(re.findall(pattern, text, flags=re.IGNORECASE))})
+    return hits
+
+
+def analytics_schema(channel_names: list[str]) -> pa.Schema:
+    fields = [
+        pa.field("id", pa.string()),
+        pa.field("audio", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("campaign", pa.string()),
+        pa.field("duration_s", pa.float64()),
+        pa.field("channels", pa.list_(pa.struct([
+            ("channel", pa.string()), ("talk_s", pa.float64()), ("words", pa.int64()), ("wpm", pa.float64()),
+        ]))),
+    ]
+    for name in channel_names:
+        fields += [pa.field(f"talk_s_{name}", pa.float64()), pa.field(f"words_{name}", pa.int64()),
+                   pa.field(f"wpm_{name}", pa.float64())]
+    fields += [
+        pa.field("overlap_s", pa.float64()),  # both (all) channels speaking at once
+        pa.field("speech_s", pa.float64()),  # anyone speaking: sum of talk time minus overlap
+        pa.field("silence_s", pa.float64()),
+        pa.field("silence_share", pa.float64()),  # silence_s / duration_s
+        pa.field("keyword_hits", pa.list_(pa.struct([("keyword", pa.string()), ("count", pa.int64())]))),
+        pa.field("keyword_hits_total", pa.int64()),
+    ]
+    return pa.schema(fields)
+
+
+def call_analytics(row: dict[str, Any], campaign: str | None, keywords: list[str],
+                   channel_names: list[str]) -> dict[str, Any]:
+    """One call's analytics from its transcript row (``channel_texts``, ``overlap_s``, ``duration_s``).
+
+    Silence is approximated from the per-channel speaking times: speech = sum of talk time - overlap
+    (the overlap is counted in every channel's talk time), silence = duration - speech.
+    """
+    out: dict[str, Any] = {"id": row["id"], "audio": row["audio"], "status": row["status"], "campaign": campaign,
+                           "duration_s": row["duration_s"]}
+    if row["status"] != "ok" or not row.get("channel_texts"):
+        return out  # a failed call keeps its row, without figures
+    channels = []
+    for ct in row["channel_texts"]:
+        talk = float(ct["speaking_s"] or 0.0)
+        words = len((ct["text"] or "").split())
+        channels.append({"channel": ct["channel"], "talk_s": talk, "words": words,
+                         "wpm": words / (talk / 60.0) if talk > 0 else None})
+    out["channels"] = channels
+    for c in channels:
+        if c["channel"] in channel_names:
+            out[f"talk_s_{c['channel']}"], out[f"words_{c['channel']}"], out[f"wpm_{c['channel']}"] = (
+                c["talk_s"], c["words"], c["wpm"])
+    overlap = float(row["overlap_s"] or 0.0)
+    duration = float(row["duration_s"] or 0.0)
+    speech = min(max(sum(c["talk_s"] for c in channels) - overlap, 0.0), duration) if duration else 0.0
+    out["overlap_s"] = overlap
+    out["speech_s"] = speech
+    out["silence_s"] = max(duration - speech, 0.0)
+    out["silence_share"] = out["silence_s"] / duration if duration > 0 else None
+    text = "\n".join(ct["text"] or "" for ct in row["channel_texts"])
+    out["keyword_hits"] = keyword_hits(text, keywords)
+    out["keyword_hits_total"] = sum(h["count"] for h in out["keyword_hits"])
+    return out
+
+
+def write_analytics(output_uri: str, campaigns: dict[str, list[str]], campaign_column: str,
+                    cfg: JobConfig) -> tuple[str, list[dict[str, Any]]]:
+    """``<output>/analytics/part-*.parquet``: one analytics part per transcripts part (same name),
+    read and written one part at a time. Returns the folder's URI and small per-call figures for
+    the summary (no texts)."""
+    from ..manifest import carried_name
+
+    opts = cfg.storage.options
+    fs, root = url_to_fs(output_uri, opts)
+    root = root.rstrip("/")
+    folder = f"{root}/{ANALYTICS_DIR}"
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)  # derived data: always rebuilt from every committed part
+    fs.makedirs(folder, exist_ok=True)
+    names = list(cfg.audio.channel_names) or ["ch0", "ch1"]
+    schema = analytics_schema(names)
+    by_folded = {name.casefold(): words for name, words in campaigns.items()}
+    column = carried_name(campaign_column)
+    wanted = ["id", "audio", "status", "duration_s", "channel_texts", "overlap_s"]
+    figures = []
+    for part in sorted(fs.glob(f"{root}/transcripts/part-*.parquet")):
+        with fs.open(part, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            have = parquet.schema_arrow.names
+            table = parquet.read(columns=wanted + ([column] if column in have else []))
+        rows = []
+        for row in table.to_pylist():
+            campaign = row.get(column)
+            keywords = by_folded.get(campaign.strip().casefold(), []) if campaign else []
+            rows.append(call_analytics(row, campaign, keywords, names))
+        name = part.rsplit("/", 1)[-1]
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer, compression="zstd")
+        with fs.open(f"{folder}/_tmp-{name}", "wb") as f:
+            f.write(buffer.getvalue().to_pybytes())
+        fs.mv(f"{folder}/_tmp-{name}", f"{folder}/{name}")
+        figures += [{"channels": r.get("channels") or [], "hits": r.get("keyword_hits") or []} for r in rows]
+    return join_uri(output_uri, ANALYTICS_DIR), figures
+
+
+def run_call_center(job: CallCenterJob, overrides: list[str] | tuple[str, ...] = (), *,
+                    overwrite: bool = False) -> CallCenterResult:
+    from ..plan import run_job
+
+    # The job writes its own JSONL manifest (inputs.jsonl), whatever format the calls came in.
+    cfg = job_config(job.config, overrides, after=("input.format=jsonl",))
+    if cfg.audio.channels != "split":
+        raise JobError(f"call-center needs audio.channels: split in its config ({job.config}), "
+                       f"got {cfg.audio.channels!r}")
+    source_cfg = job_config(job.config, overrides)  # how to read the calls' own manifest
+    campaigns = read_campaigns(job.campaigns, cfg.storage.options)
+    if overwrite:
+        _remove(join_uri(job.output, ANALYTICS_DIR), cfg.storage.options)
+    inputs, n_rows, unknown = join_campaign_keywords(job.manifest, job.output, campaigns, job.campaign_column,
+                                                     source_cfg)
+    log.info("call-center: %d calls, %d campaigns with keywords; %d calls in campaigns without keywords",
+             n_rows, len(campaigns), sum(unknown.values()))
+    result = run_job(cfg, inputs, job.output, overwrite=overwrite)
+    analytics, figures = write_analytics(job.output, campaigns, job.campaign_column, cfg)
+    channels: dict[str, dict[str, Any]] = {}
+    for call in figures:
+        for c in call["channels"]:
+            entry = channels.setdefault(c["channel"], {"talk_s": 0.0, "wpms": []})
+            entry["talk_s"] += c["talk_s"]
+            if c["wpm"] is not None:
+                entry["wpms"].append(c["wpm"])
+    summary_channels = {ch: {"talk_s": e["talk_s"], "wpm": sum(e["wpms"]) / len(e["wpms"]) if e["wpms"] else None}
+                        for ch, e in channels.items()}
+    hits: Counter = Counter()
+    for call in figures:
+        for h in call["hits"]:
+            hits[h["keyword"]] += h["count"]
+    return CallCenterResult(job.output, result.summary, analytics, len(figures), summary_channels,
+                            {k: v for k, v in hits.items()}, dict(unknown))
