@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from .conftest import EVAL_DIR, REPO, eval_rows
 from .helpers import read_summary, read_transcripts, write_jsonl
 
-N_ROWS = 60
+N_ROWS = 120
 
 
 def _quarry(manifest, out, *extra):
@@ -42,10 +42,10 @@ def test_killed_job_rerun_gives_every_row_exactly_once(tmp_path):
     first = _quarry(manifest, out)
     deadline = time.monotonic() + 120
     parts = out / "transcripts"
-    while time.monotonic() < deadline and len(list(parts.glob("part-*.parquet"))) < 3:
+    while time.monotonic() < deadline and not list(parts.glob("part-*.parquet")):
         assert first.poll() is None, f"job ended before it could be killed:\n{first.stdout.read()}"
         time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started: a crash
+    os.killpg(first.pid, signal.SIGKILL)  # at the first commit: the driver and its local Ray, a crash
     first.wait()
     committed = sum(pq.read_metadata(p).num_rows for p in parts.glob("part-*.parquet"))
     assert 0 < committed < N_ROWS, committed
