@@ -31,6 +31,7 @@ from .storage import url_to_fs
 from .subtitles import to_srt, to_webvtt
 
 OK = Status.OK.value
+SCORE_COLUMNS = ("metric", "normalizer", "ref_words", "substitutions", "deletions", "insertions", "wer")
 _RATE = 16_000
 
 
@@ -132,7 +133,12 @@ class Assembler:
         if missing:
             recording["status"], recording["error"] = Status.INFERENCE_ERROR.value, missing
         recording["segments"] = len(rows) if decoded else 0
-        if len(rows) > 1 or split:
+        if split:  # a single reference covers the call: score the turns' words, not the channel labels
+            words = " ".join(turn["text"] for turn in recording["conversation"] or [])
+            scored = {**recording, "text": words}
+            score_row(scored, self.scoring)
+            recording.update({k: scored[k] for k in SCORE_COLUMNS})
+        elif len(rows) > 1:
             score_row(recording, self.scoring)
         if self.subtitles and decoded:
             self.subtitles.write(recording["id"], _cues(rows, split))
