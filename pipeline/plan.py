@@ -100,7 +100,7 @@ def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None):
     # quarry's periodic progress lines instead.
     ctx.enable_progress_bars = sys.stderr.isatty()
     if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # e.g. "progress bars disabled"
 
     fmt = detect_format(manifest_uri, cfg.input.format)
     extras = extra_fields(read_manifest_schema(manifest_uri, cfg), fmt, cfg.input.columns)
