@@ -154,8 +154,20 @@ def carried_name(name: str) -> str:
     return f"input_{name}" if name in TRANSCRIPT_COLUMNS or name in INTERNAL_COLUMNS else name
 
 
-def read_manifest(uri: str, cfg: JobConfig):
-    """A Ray Dataset of the manifest's raw rows, read in Ray tasks (streamed)."""
+MAX_READ_BLOCKS = 4096
+
+
+def read_block_rows(cfg: JobConfig) -> int:
+    """Manifest rows per read block: about one engine batch. A block is what one decode task
+    works through, in order, and what moves on downstream as one unit, so blocks of about a batch
+    keep decode parallel and results streaming to the driver (Ray's default puts a whole small
+    manifest into a handful of blocks)."""
+    return cfg.engine.batch_size
+
+
+def read_manifest(uri: str, cfg: JobConfig, n_rows: int | None = None):
+    """A Ray Dataset of the manifest's raw rows, read in Ray tasks (streamed). ``n_rows`` (when
+    known) sizes the read blocks (:func:`read_block_rows`), up to MAX_READ_BLOCKS blocks."""
     import ray.data
 
     fmt = detect_format(uri, cfg.input.format)
@@ -177,9 +189,12 @@ def read_manifest(uri: str, cfg: JobConfig):
         return ray.data.from_arrow(table)
     kwargs: dict[str, Any] = {"filesystem": None if fs.protocol in ("file", ("file", "local")) else arrow_filesystem(fs)}
     read_path = path if kwargs["filesystem"] is not None else os.path.abspath(path)
+    if n_rows:
+        kwargs["override_num_blocks"] = min(MAX_READ_BLOCKS, max(1, -(-n_rows // read_block_rows(cfg))))
     if fmt == "parquet":
         return ray.data.read_parquet(read_path, **remote, **kwargs)
-    if fmt == "csv":
+    if fmt == "csv":  # a CSV file is one block at most (its header cannot be split off)
+        kwargs.pop("override_num_blocks", None)
         return ray.data.read_csv(read_path, **remote, convert_options=_csv_as_text(schema), **kwargs)
     # JSONL is read as text and parsed per row (PrepareStage): a malformed line becomes one
     # invalid_row instead of failing the read, and no type inference can split the schema.

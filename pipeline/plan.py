@@ -90,7 +90,7 @@ def engine_replicas(e: EngineConfig) -> int:
     return int(gpus // e.gpus_per_replica)
 
 
-def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None):
+def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None, n_rows: int | None = None):
     """The lazy Ray Dataset of output rows, and the output schema. ``skip_ids``: id hashes
     (or a Ray object ref to them) of rows already committed by an earlier attempt."""
     from ray.data import ActorPoolStrategy, DataContext
@@ -105,7 +105,7 @@ def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None):
     fmt = detect_format(manifest_uri, cfg.input.format)
     extras = extra_fields(read_manifest_schema(manifest_uri, cfg), fmt, cfg.input.columns)
     e = cfg.engine
-    ds = read_manifest(manifest_uri, cfg)
+    ds = read_manifest(manifest_uri, cfg, n_rows)
     ds = ds.map_batches(
         PrepareStage(manifest_uri, fmt, cfg.input.columns, cfg.task, extras, skip_ids),
         batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS,
@@ -122,7 +122,7 @@ def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None):
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
     )
     ds = ds.map_batches(
-        ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS
+        ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=e.batch_size, num_cpus=LIGHT_STAGE_CPUS
     )
     return ds, transcript_schema(extras)
 
@@ -174,11 +174,11 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
     import ray
 
     skip = ray.put(resume.committed_ids) if resume.committed_rows else None
-    ds, _ = build_dataset(cfg, manifest_uri, skip)
+    total = count_rows(manifest_uri, cfg)
+    ds, _ = build_dataset(cfg, manifest_uri, skip, total)
     assembler = Assembler(transcript_schema(extras), cfg.scoring,
                           SubtitleWriter(output_uri, cfg.output.subtitles, cfg.storage.options))
     run = JobTally()  # this attempt's rows, for progress and throughput
-    total = count_rows(manifest_uri, cfg)
     todo = None if total is None else max(0, total - resume.committed_rows)
     last_log = clock
     budget = cfg.output
