@@ -165,15 +165,23 @@ def read_block_rows(cfg: JobConfig) -> int:
     return cfg.engine.batch_size
 
 
-def read_manifest(uri: str, cfg: JobConfig, n_rows: int | None = None):
+def checked_schema(uri: str, cfg: JobConfig) -> pa.Schema:
+    """The manifest's columns (:func:`read_manifest_schema`), refused when it has no audio column."""
+    schema = read_manifest_schema(uri, cfg)
+    empty_jsonl = detect_format(uri, cfg.input.format) == "jsonl" and not schema.names  # 0 rows, fine
+    if cfg.input.columns.audio not in schema.names and not empty_jsonl:
+        raise ManifestError(f"manifest {uri} has no {cfg.input.columns.audio!r} column (columns: {schema.names})")
+    return schema
+
+
+def read_manifest(uri: str, cfg: JobConfig, n_rows: int | None = None, schema: pa.Schema | None = None):
     """A Ray Dataset of the manifest's raw rows, read in Ray tasks (streamed). ``n_rows`` (when
-    known) sizes the read blocks (:func:`read_block_rows`), up to MAX_READ_BLOCKS blocks."""
+    known) sizes the read blocks (:func:`read_block_rows`), up to MAX_READ_BLOCKS blocks;
+    ``schema``: the manifest's :func:`checked_schema`, when the caller has it already."""
     import ray.data
 
     fmt = detect_format(uri, cfg.input.format)
-    schema = read_manifest_schema(uri, cfg)
-    if cfg.input.columns.audio not in schema.names and (fmt != "jsonl" or schema.names):  # an empty JSONL is 0 rows
-        raise ManifestError(f"manifest {uri} has no {cfg.input.columns.audio!r} column (columns: {schema.names})")
+    schema = checked_schema(uri, cfg) if schema is None else schema
     fs, path = url_to_fs(uri, cfg.storage.options)
     remote = {"num_cpus": 0.25}  # light: never starve the actor pool
     if is_process_local(fs):

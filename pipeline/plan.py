@@ -17,7 +17,7 @@ from typing import Any
 from .assemble import Assembler, SubtitleWriter
 from .config import EngineConfig, JobConfig
 from .engines import preflight
-from .manifest import PrepareStage, count_rows, detect_format, extra_fields, read_manifest, read_manifest_schema
+from .manifest import PrepareStage, checked_schema, count_rows, detect_format, extra_fields, read_manifest
 from .output import JobTally, TranscriptWriter, build_summary, tally_output, write_summary
 from .records import transcript_schema
 from .stages import DecodeStage, InferenceStage, ScoreStage
@@ -90,9 +90,11 @@ def engine_replicas(e: EngineConfig) -> int:
     return int(gpus // e.gpus_per_replica)
 
 
-def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None, n_rows: int | None = None):
+def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None, n_rows: int | None = None,
+                  schema: Any = None):
     """The lazy Ray Dataset of output rows, and the output schema. ``skip_ids``: id hashes
-    (or a Ray object ref to them) of rows already committed by an earlier attempt."""
+    (or a Ray object ref to them) of rows already committed by an earlier attempt; ``n_rows`` and
+    ``schema``: the manifest's row count and columns, when the caller has read them already."""
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
@@ -103,9 +105,10 @@ def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None, n_row
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # e.g. "progress bars disabled"
 
     fmt = detect_format(manifest_uri, cfg.input.format)
-    extras = extra_fields(read_manifest_schema(manifest_uri, cfg), fmt, cfg.input.columns)
+    schema = checked_schema(manifest_uri, cfg) if schema is None else schema
+    extras = extra_fields(schema, fmt, cfg.input.columns)
     e = cfg.engine
-    ds = read_manifest(manifest_uri, cfg, n_rows)
+    ds = read_manifest(manifest_uri, cfg, n_rows, schema)
     ds = ds.map_batches(
         PrepareStage(manifest_uri, fmt, cfg.input.columns, cfg.task, extras, skip_ids),
         batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS,
@@ -163,7 +166,8 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
     if not ray_address(cfg):
         preflight(cfg.engine)  # a local Ray's workers see this machine's files: fail before starting it
     fmt = detect_format(manifest_uri, cfg.input.format)
-    extras = extra_fields(read_manifest_schema(manifest_uri, cfg), fmt, cfg.input.columns)
+    schema = checked_schema(manifest_uri, cfg)  # the manifest's head, read once, before anything starts
+    extras = extra_fields(schema, fmt, cfg.input.columns)
     writer = TranscriptWriter(output_uri, transcript_schema(extras), cfg.storage.options, cfg.output.rows_per_file,
                               cfg.output.flush_interval_s)
     resume = writer.prepare(overwrite, job_key(cfg, manifest_uri))
@@ -175,7 +179,7 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
 
     skip = ray.put(resume.committed_ids) if resume.committed_rows else None
     total = count_rows(manifest_uri, cfg)
-    ds, _ = build_dataset(cfg, manifest_uri, skip, total)
+    ds, _ = build_dataset(cfg, manifest_uri, skip, total, schema)
     assembler = Assembler(transcript_schema(extras), cfg.scoring,
                           SubtitleWriter(output_uri, cfg.output.subtitles, cfg.storage.options))
     run = JobTally()  # this attempt's rows, for progress and throughput
