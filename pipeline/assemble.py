@@ -23,16 +23,12 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from .config import ScoringConfig
-from .records import SEGMENT_TABLE_SCHEMA, Status
+from .records import OK, SAMPLE_RATE_HZ, SCORE, SEGMENT, SEGMENT_TABLE_SCHEMA, Status
+from .scoring import score_row
 from .segment import Segment
-from .stages import SEGMENT_COLUMNS, score_row
 from .stitch import conversation, speaking_stats, stitch
-from .storage import url_to_fs
+from .storage import url_to_fs, write_atomic
 from .subtitles import to_srt, to_webvtt
-
-OK = Status.OK.value
-SCORE_COLUMNS = ("metric", "normalizer", "ref_words", "substitutions", "deletions", "insertions", "wer")
-_RATE = 16_000
 
 
 def subtitle_name(row_id: str) -> str:
@@ -49,8 +45,6 @@ class SubtitleWriter:
         self.formats = tuple(formats)
         self.fs, root = url_to_fs(output_uri, storage_options)
         self.dir = root.rstrip("/") + "/subtitles"
-        if self.formats:
-            self.fs.makedirs(self.dir, exist_ok=True)
 
     def write(self, row_id: str, cues: list[tuple[float, float, str]]) -> None:
         if not self.formats or not cues:
@@ -58,8 +52,7 @@ class SubtitleWriter:
         name = subtitle_name(row_id)
         for fmt in self.formats:
             text = to_srt(cues) if fmt == "srt" else to_webvtt(cues)
-            with self.fs.open(f"{self.dir}/{name}.{fmt}", "w", encoding="utf-8") as f:
-                f.write(text)
+            write_atomic(f"{self.dir}/{name}.{fmt}", text.encode("utf-8"), fs=self.fs)
 
 
 @dataclass
@@ -80,7 +73,7 @@ class _Pending:
 
 
 class Assembler:
-    """Segment rows in (schema: stages.scored_schema), recording and segment rows out."""
+    """Segment rows in (``stages.scored_schema``), recording and segment rows out."""
 
     def __init__(self, transcript_schema: pa.Schema, scoring: ScoringConfig,
                  subtitles: SubtitleWriter | None = None):
@@ -137,12 +130,12 @@ class Assembler:
             words = " ".join(turn["text"] for turn in recording["conversation"] or [])
             scored = {**recording, "text": words}
             score_row(scored, self.scoring)
-            recording.update({k: scored[k] for k in SCORE_COLUMNS})
+            recording.update({k: scored[k] for k in SCORE.names})
         elif len(rows) > 1:
             score_row(recording, self.scoring)
         if self.subtitles and decoded:
             self.subtitles.write(recording["id"], _cues(rows, split))
-        for name in SEGMENT_COLUMNS:
+        for name in SEGMENT.names:
             recording.pop(name, None)
         recordings.append(recording)
 
@@ -186,14 +179,12 @@ class Assembler:
 
 
 def _segment(row: dict) -> Segment:
-    return Segment(row["segment_index"], round(row["start_s"] * _RATE), round((row["end_s"] or 0) * _RATE),
-                   round((row["seam_overlap_s"] or 0) * _RATE))
+    return Segment(row["segment_index"], round(row["start_s"] * SAMPLE_RATE_HZ),
+                   round((row["end_s"] or 0) * SAMPLE_RATE_HZ), round((row["seam_overlap_s"] or 0) * SAMPLE_RATE_HZ))
 
 
 def _segment_row(row: dict) -> dict:
-    return {"id": row["id"], "channel": row["channel"], "segment_index": row["segment_index"],
-            "start_s": row["start_s"], "end_s": row["end_s"], "text": row["text"], "status": row["status"],
-            "error": row["error"], "avg_logprob": row["avg_logprob"]}
+    return {name: row[name] for name in SEGMENT_TABLE_SCHEMA.names}
 
 
 def _cues(rows: list[dict], split: bool) -> list[tuple[float, float, str]]:

@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .records import Status
+from .records import SAMPLE_RATE_HZ, Status
 from .storage import DEFAULT_RETRY, RetryPolicy, is_transient, read_bytes
 
 BLOCK_FRAMES = 1 << 19  # source frames decoded per step: ~11 s at 48 kHz, 12 MiB for 6 channels
@@ -133,7 +133,7 @@ def decode_audio(
     data: bytes,
     *,
     name: str = "",
-    target_rate: int = 16_000,
+    target_rate: int = SAMPLE_RATE_HZ,
     quality: str = "HQ",
     max_duration_s: float | None = None,
     split_channels: bool = False,

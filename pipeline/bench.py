@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from .config import JobConfig
-from .storage import parent_uri
+from .records import OK
 
 
 @dataclass(frozen=True)
@@ -31,29 +31,26 @@ class BenchRow:
 
 
 def _manifest_requests(cfg: JobConfig, manifest_uri: str):
-    """Decode the manifest's clips on this process (bench inputs are small by design)."""
-    import pyarrow.json as pajson
-
+    """Decode the manifest's clips on this process (bench inputs are small by design): the rows
+    the pipeline would send, read and prepared by the pipeline's own manifest reader."""
     from .audio import AudioError, load_audio
     from .engines import EngineRequest
-    from .manifest import parse_keywords, resolve_audio_uri
-    from .storage import url_to_fs
+    from .manifest import Manifest, PrepareStage
 
-    fs, path = url_to_fs(manifest_uri, cfg.storage.options)
-    with fs.open(path, "rb") as f:
-        rows = pajson.read_json(f).to_pylist()
-    c, base = cfg.input.columns, parent_uri(manifest_uri)
+    manifest = Manifest.open(manifest_uri, cfg)
+    prepare = PrepareStage(manifest, cfg.input.columns, cfg.task)
     requests = []
-    for i, row in enumerate(rows):
-        try:
-            audio = load_audio(resolve_audio_uri(row[c.audio], base), cfg.storage.options)
-        except AudioError:
-            continue
-        requests.append(EngineRequest(
-            id=str(row.get(c.id) or i), samples=audio.samples, language=row.get(c.language) or cfg.task.language,
-            task=row.get(c.task) or cfg.task.task, target_language=row.get(c.target_language) or cfg.task.target_language,
-            keywords=tuple(cfg.task.keywords + parse_keywords(row.get(c.keywords))),
-        ))
+    for batch in manifest.batches():
+        for row in prepare.rows(batch):
+            if row["status"] != OK:
+                continue
+            try:
+                audio = load_audio(row["audio"], cfg.storage.options)
+            except AudioError:
+                continue
+            requests.append(EngineRequest(id=row["id"], samples=audio.samples, language=row["language"],
+                                          task=row["task"], target_language=row["target_language"],
+                                          keywords=tuple(row["keywords"])))
     return requests
 
 
@@ -75,7 +72,7 @@ def pipeline_run(cfg: JobConfig, manifest_uri: str) -> BenchRow:
 
     with tempfile.TemporaryDirectory(prefix="quarry-bench-") as out:
         s = run_job(cfg, manifest_uri, out, overwrite=True).summary
-    return BenchRow(cfg.engine.batch_size, cfg.engine.replicas, s["audio_s"], s["job_wall_s"], s["n_input"], s["n_ok"])
+    return BenchRow(cfg.engine.batch_size, cfg.engine.replicas, s.audio_s, s.job_wall_s, s.n_input, s.n_ok)
 
 
 def run_bench(cfg: JobConfig, manifest_uri: str, batch_sizes: list[int], replicas: list[int]) -> list[BenchRow]:

@@ -5,17 +5,14 @@ Thin on purpose: parse arguments, load the config, call plan.run_job, report.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
 
 import click
 
-from .config import ConfigError, load_config
-
-EXIT_BUDGET = 1  # the job ran, but failed rows exceeded output.max_failed_fraction
-EXIT_CANNOT_RUN = 2  # bad config, unreadable manifest, engine that cannot start, ...
+from .config import load_config
+from .errors import CannotRun, ExitCode
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,9 +55,6 @@ def run(manifest: str | None, audio_pattern: str | None, skip_done_in: str | Non
     Exit status: 0 when the job completed (even with some failed rows, each carrying its reason);
     1 when failed rows exceed output.max_failed_fraction; 2 when the job could not run.
     """
-    from .engines import EngineUnavailable
-    from .manifest import ManifestError
-    from .output import OutputExistsError
     from .plan import run_job
 
     if bool(manifest) == bool(audio_pattern):
@@ -77,17 +71,14 @@ def run(manifest: str | None, audio_pattern: str | None, skip_done_in: str | Non
                        f"{found.n_todo} to do", err=True)
             manifest = found.manifest_uri
         result = run_job(cfg, manifest, output, overwrite=overwrite)
-    except (ConfigError, ManifestError, OutputExistsError, EngineUnavailable) as e:
-        _fail(str(e))
     except Exception as e:  # noqa: BLE001 - an engine that cannot start surfaces here through Ray
-        cause = _root_cause(e)
-        _fail(f"job failed: {type(cause).__name__}: {cause}")
-    s = result.summary
-    click.echo(_report(s, result.summary_uri))
+        _fail_from(e)
+    click.echo("\n".join([*result.summary.lines(),
+                          f"transcripts: {result.summary_uri.rsplit('/', 1)[0]}/transcripts/",
+                          f"summary: {result.summary_uri}"]))
     if not result.ok:
-        click.echo(f"quarry: failed rows {s['n_failed']}/{s['n_input']} exceed max_failed_fraction "
-                   f"{s['max_failed_fraction']}", err=True)
-        sys.exit(EXIT_BUDGET)
+        _budget_exceeded(result.summary)
+        sys.exit(ExitCode.FAILED)
 
 
 @main.command()
@@ -107,7 +98,7 @@ def bench(manifest: str, config_path: str | None, overrides: tuple[str, ...], ba
         cfg = load_config(config_path, overrides)
         sizes = [int(x) for x in batch_sizes.split(",") if x]
         counts = [int(x) for x in replicas.split(",") if x]
-    except (ConfigError, ValueError) as e:
+    except (CannotRun, ValueError) as e:
         _fail(str(e))
     click.echo(f"engine {cfg.engine.name} / {cfg.engine.model} on {manifest}")
     click.echo(format_table(run_bench(cfg, manifest, sizes, counts)))
@@ -131,45 +122,20 @@ def _root_cause(error: BaseException) -> BaseException:
 
 def _fail(message: str) -> None:
     click.echo(f"quarry: {message.splitlines()[0] if message else 'error'}", err=True)
-    sys.exit(EXIT_CANNOT_RUN)
+    sys.exit(ExitCode.CANNOT_RUN)
 
 
-def _report(s: dict, summary_uri: str) -> str:
-    lines = [
-        f"rows: {s['n_input']} in, {s['n_ok']} ok, {s['n_failed']} failed"
-        + (f" ({json.dumps(s['n_failed_by_reason'])})" if s["n_failed"] else ""),
-        f"audio: {s['audio_s']:.1f} s in {s['job_wall_s']:.1f} s wall (RTFx {s['rtfx_job']}; engine RTFx {s['rtfx_inference']})",
-    ]
-    for language, metrics in s["scores"]["by_language"].items():
-        for metric, t in metrics.items():
-            lines.append(f"{metric.upper()} {language}: {t['rate']:.4f} over {t['n_scored']} rows ({t['normalizer']})"
-                         if t["rate"] is not None else f"{metric.upper()} {language}: no reference words")
-    lines.append(f"transcripts: {summary_uri.rsplit('/', 1)[0]}/transcripts/")
-    lines.append(f"summary: {summary_uri}")
-    return "\n".join(lines)
+def _fail_from(error: Exception) -> None:
+    """Exit 2 with one line: the error itself when the job cannot run, else its root cause."""
+    if isinstance(error, CannotRun):
+        _fail(str(error))
+    cause = _root_cause(error)
+    _fail(f"job failed: {type(cause).__name__}: {cause}")
 
 
-@main.command("bench-memory")
-@click.option("--eval-dir", type=click.Path(file_okay=False, exists=True), default="../shared/eval", show_default=True,
-              help="A folder with manifest.jsonl and the clips it names.")
-@click.option("--rows", default=200, show_default=True, help="Rows of the small manifest (the large one has 10x).")
-@click.option("--hours", default=1.0, show_default=True, help="Length of the long recording (0 to skip).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Config overrides for the measured jobs (default engine: fake).")
-def bench_memory(eval_dir: str, rows: int, hours: float, overrides: tuple[str, ...]) -> None:
-    """Peak memory of real jobs: N vs 10 x N rows (streaming), and one long recording.
-
-    Each job runs as `quarry run` in a child process; its whole process tree (driver, local Ray,
-    workers, actors) is sampled for resident memory every 0.2 s.
-    """
-    from pathlib import Path
-
-    from .bench_memory import HEADER, run as run_bench
-
-    sets = ["engine.name=fake", *overrides]
-    click.echo(HEADER)
-    for result in run_bench(Path(eval_dir), rows, hours, sets):
-        click.echo(result.line())
+def _budget_exceeded(summary) -> None:
+    click.echo(f"quarry: failed rows {summary.n_failed}/{summary.n_input} exceed max_failed_fraction "
+               f"{summary.max_failed_fraction}", err=True)
 
 
 # --- quarry report / quarry export: read a finished output; they never start Ray ------------------
@@ -193,11 +159,11 @@ def report_command(output: str, group_by: tuple[str, ...], worst: int) -> None:
 
     OUTPUT is the folder a `quarry run --output` wrote (local or s3://).
     """
-    from .report import ReportError, write_report
+    from .report import write_report
 
     try:
         click.echo(write_report(output, group_by=list(group_by), worst=worst))
-    except (ReportError, OSError) as e:
+    except (CannotRun, OSError) as e:
         _fail(str(e))
 
 
@@ -222,13 +188,12 @@ def export_command(output: str, fmt: str, dest: str, min_avg_logprob: float | No
     Only rows with status ok are exported; the options narrow them further. Audio is not copied:
     every format points at the audio URIs the job read. Prints how many rows went where.
     """
-    from .exports import ExportError, export
-    from .report import ReportError
+    from .exports import export
 
     try:
         result = export(output, fmt, dest, min_avg_logprob=min_avg_logprob, min_duration_s=min_duration_s,
                         max_duration_s=max_duration_s, languages=list(languages) or None)
-    except (ExportError, ReportError, OSError) as e:
+    except (CannotRun, OSError) as e:
         _fail(str(e))
     click.echo(f"{result.count} rows -> {result.path}")
 
@@ -253,27 +218,18 @@ def job_command(job_yaml: str, run_date: str | None, overrides: tuple[str, ...],
     margin (the figures are printed) or failed rows exceed output.max_failed_fraction; 2 when the
     job could not run.
     """
-    from .engines import EngineUnavailable
-    from .exports import ExportError
-    from .jobs import JobError, run_job_file
-    from .manifest import ManifestError
-    from .output import OutputExistsError
+    from .jobs import run_job_file
 
     try:
         outcome = run_job_file(job_yaml, run_date=run_date, overrides=overrides, overwrite=overwrite, echo=click.echo)
-    except (JobError, ConfigError, ManifestError, OutputExistsError, EngineUnavailable, ExportError) as e:
-        _fail(str(e))
     except Exception as e:  # noqa: BLE001 - an engine that cannot start surfaces here through Ray
-        cause = _root_cause(e)
-        _fail(f"job failed: {type(cause).__name__}: {cause}")
+        _fail_from(e)
     if outcome.exit_code:
         canary = getattr(outcome, "canary", None)
         if canary is not None and not canary.passed:
             click.echo(f"quarry: canary gate failed: {canary.line().splitlines()[-1].strip()}", err=True)
-        if outcome.summary["status"] != "completed":
-            s = outcome.summary
-            click.echo(f"quarry: failed rows {s['n_failed']}/{s['n_input']} exceed max_failed_fraction "
-                       f"{s['max_failed_fraction']}", err=True)
+        if not outcome.summary.ok:
+            _budget_exceeded(outcome.summary)
         sys.exit(outcome.exit_code)
 
 

@@ -14,11 +14,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .errors import CannotRun
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(CannotRun, ValueError):
     """The job configuration is invalid; the message names the offending key."""
 
 
@@ -56,7 +58,6 @@ class InputConfig(_Section):
 
 
 class AudioConfig(_Section):
-    sample_rate: Literal[16000] = Field(16000, description="Rate every engine receives, in Hz.")
     resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ"] = Field(
         "HQ", description="soxr quality preset."
     )
@@ -104,7 +105,7 @@ class WhisperOptions(_Section):
 
 
 class VllmOptions(_Section):
-    """vLLM engine options (see docs/engines.md)."""
+    """vLLM engine options (pipeline/engines/vllm.py; the README's Engines section)."""
 
     max_model_len: int = Field(1024, ge=64, description="Prompt + output tokens; caps clip length.")
     max_num_seqs: int = Field(64, ge=1, description="Sequences vLLM batches together.")
@@ -249,17 +250,26 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
+def read_yaml_mapping(source: Path, error: type[Exception], what: str, *, empty_ok: bool = False) -> dict[str, Any]:
+    """The mapping a YAML file holds (``{}`` for an empty file where ``empty_ok``); anything else
+    raises ``error`` naming ``what`` and the file."""
+    try:
+        data = yaml.safe_load(source.read_text())
+    except FileNotFoundError as e:
+        raise error(f"{what} not found: {source}") from e
+    except yaml.YAMLError as e:
+        raise error(f"{what} {source} is not valid YAML: {e}") from e
+    if data is None and empty_ok:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{what} {source} must hold a mapping at the top level")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load a YAML config (the embedded default when ``path`` is None) and apply overrides."""
     source = Path(path) if path else DEFAULT_CONFIG
-    try:
-        data = yaml.safe_load(source.read_text()) or {}
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file not found: {source}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {source} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {source} must hold a mapping at the top level")
+    data = read_yaml_mapping(source, ConfigError, "config file", empty_ok=True)
     for item in overrides:
         key, value = parse_override(item)
         _set_path(data, key, value)

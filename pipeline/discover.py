@@ -4,7 +4,7 @@ For nightly jobs over an archive that only grows there is no manifest: ``quarry 
 'URI'`` lists the objects, leaves out those an earlier successful run under ``--skip-done-in``
 already wrote (any status but the retryable ones), and writes what is left as the job's
 manifest, ``<output>/inputs.jsonl``. From there the job is an ordinary manifest job, resumable
-like any other. Ids are :func:`pipeline.manifest.stable_id` of the object URI, so the same object
+like any other. Ids are :func:`pipeline.records.stable_id` of the object URI, so the same object
 has the same id every night.
 """
 
@@ -19,18 +19,17 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from .manifest import ManifestError, stable_id
-from .output import id_hashes
-from .records import Status
-from .storage import has_scheme, join_uri, url_to_fs
+from .manifest import ManifestError
+from .output import INPUTS_NAME
+from .records import Status, id_hashes, stable_id
+from .storage import atomic_open, has_scheme, join_uri, url_to_fs
+from .summary import SUMMARY_NAME, JobSummary
 
 log = logging.getLogger("quarry")
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".aiff", ".aif", ".au", ".w64", ".rf64")
 RETRYABLE = frozenset({Status.FETCH_ERROR.value, Status.INFERENCE_ERROR.value})
 """Statuses an earlier run may have got from a passing fault: such rows are tried again."""
-
-INPUTS_NAME = "inputs.jsonl"
 
 
 @dataclass(frozen=True)
@@ -68,11 +67,11 @@ def done_ids(root: str, storage_options: dict[str, Any] | None = None) -> np.nda
     leaving out rows whose status is retryable."""
     fs, path = url_to_fs(root, storage_options)
     path = path.rstrip("/")
-    summaries = [p for depth in ("", "/*", "/*/*") for p in fs.glob(f"{path}{depth}/summary.json")]
+    summaries = [p for depth in ("", "/*", "/*/*") for p in fs.glob(f"{path}{depth}/{SUMMARY_NAME}")]
     hashes: list[np.ndarray] = []
     for summary in summaries:
         with fs.open(summary, "r") as f:
-            if json.load(f).get("status") != "completed":
+            if not JobSummary.model_validate(json.load(f)).ok:
                 continue  # a run that failed its budget or was stopped: its rows get another chance
         for part in fs.glob(posixpath.dirname(summary) + "/transcripts/part-*.parquet"):
             with fs.open(part, "rb") as f:
@@ -88,10 +87,8 @@ def discover(pattern: str, output_uri: str, *, skip_done_in: str | None = None,
     """List ``pattern``, drop what earlier runs did, write ``<output>/inputs.jsonl``."""
     done = done_ids(skip_done_in, storage_options) if skip_done_in else np.empty(0, dtype=np.uint64)
     fs, out = url_to_fs(output_uri, storage_options)
-    fs.makedirs(out, exist_ok=True)
-    manifest = out.rstrip("/") + "/" + INPUTS_NAME
     n_found = n_todo = 0
-    with fs.open(manifest, "w") as f:
+    with atomic_open(fs, out.rstrip("/") + "/" + INPUTS_NAME, "w") as f:
         for uri in list_audio(pattern, storage_options):
             n_found += 1
             row_id = stable_id(uri)

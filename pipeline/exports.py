@@ -18,8 +18,9 @@ text: the target language for translations (``en`` for Whisper's translate task 
 from __future__ import annotations
 
 import json
-import posixpath
+from contextlib import nullcontext
 from dataclasses import dataclass
+from gzip import GzipFile
 from typing import Any, Iterable, Literal, Sequence
 
 import pyarrow as pa
@@ -27,9 +28,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .records import Status
+from .errors import CannotRun
+from .records import Status, column
 from .report import open_transcripts
-from .storage import url_to_fs
+from .storage import atomic_open, url_to_fs
 
 __all__ = ["ExportError", "ExportResult", "FORMATS", "export"]
 
@@ -43,14 +45,9 @@ _DEFAULT_TRANSLATE_LANGUAGE = "en"  # Whisper translates into English only
 # "huggingface" schema metadata tells `datasets` to read the column back as Audio.
 HF_SCHEMA = pa.schema(
     [
-        pa.field("id", pa.string()),
+        column("id").with_nullable(True),
         pa.field("audio", pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])),
-        pa.field("text", pa.string()),
-        pa.field("language", pa.string()),
-        pa.field("duration_s", pa.float64()),
-        pa.field("avg_logprob", pa.float64()),
-        pa.field("reference", pa.string()),
-        pa.field("model", pa.string()),
+        *(column(n) for n in ("text", "language", "duration_s", "avg_logprob", "reference", "model")),
     ],
     metadata={"huggingface": json.dumps({"info": {"features": {
         "id": {"dtype": "string", "_type": "Value"},
@@ -65,7 +62,7 @@ HF_SCHEMA = pa.schema(
 )
 
 
-class ExportError(ValueError):
+class ExportError(CannotRun, ValueError):
     """Bad export arguments (unknown format, empty duration range, transcripts without a column)."""
 
 
@@ -99,21 +96,12 @@ def export(output_uri: str, fmt: Format, dest_uri: str, *, min_avg_logprob: floa
                                  filter=predicate, batch_size=4096)
 
     fs, path = url_to_fs(dest_uri, storage_options)
-    parent = posixpath.dirname(path.rstrip("/"))
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    temp = posixpath.join(parent, f"_tmp-{posixpath.basename(path)}")
-    try:
+    with atomic_open(fs, path.rstrip("/")) as f:
         if fmt == "hf":
-            count = _write_parquet(fs, temp, batches)
+            count = _write_parquet(f, batches)
         else:
             to_line = _lhotse_cut if fmt == "lhotse" else _nemo_entry
-            count = _write_jsonl(fs, temp, batches, to_line, gzip=path.endswith(".gz"))
-        fs.mv(temp, path)
-    except BaseException:
-        if fs.exists(temp):
-            fs.rm(temp)
-        raise
+            count = _write_jsonl(f, batches, to_line, gzip=path.endswith(".gz"))
     return ExportResult(count=count, path=dest_uri)
 
 
@@ -139,9 +127,9 @@ def _predicate(min_avg_logprob: float | None, min_duration_s: float | None, max_
     return predicate
 
 
-def _write_jsonl(fs, path: str, batches: Iterable[pa.RecordBatch], to_line, gzip: bool) -> int:
+def _write_jsonl(raw, batches: Iterable[pa.RecordBatch], to_line, gzip: bool) -> int:
     count = 0
-    with fs.open(path, "wb", compression="gzip" if gzip else None) as f:
+    with (GzipFile(fileobj=raw, mode="wb") if gzip else nullcontext(raw)) as f:
         for batch in batches:
             lines = [json.dumps(to_line(row), ensure_ascii=False) + "\n" for row in batch.to_pylist()]
             f.write("".join(lines).encode("utf-8"))
@@ -149,9 +137,9 @@ def _write_jsonl(fs, path: str, batches: Iterable[pa.RecordBatch], to_line, gzip
     return count
 
 
-def _write_parquet(fs, path: str, batches: Iterable[pa.RecordBatch]) -> int:
+def _write_parquet(f, batches: Iterable[pa.RecordBatch]) -> int:
     count = 0
-    with fs.open(path, "wb") as f, pq.ParquetWriter(f, HF_SCHEMA, compression="zstd") as writer:
+    with pq.ParquetWriter(f, HF_SCHEMA, compression="zstd") as writer:
         for batch in batches:
             if batch.num_rows == 0:
                 continue

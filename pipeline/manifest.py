@@ -1,17 +1,20 @@
-"""Manifests: read JSONL / CSV / Parquet from any fsspec URL into Ray Data, resolve rows.
+"""Manifests: one :class:`Manifest` per job (format, columns, row count, read once), one streaming
+reader of its raw rows, and :class:`PrepareStage`, which turns raw rows into prepared rows.
 
-Reading is Ray Data's (streamed, in tasks). :class:`PrepareStage` turns each raw batch into
-resolved utterance rows: ids derived where missing, relative audio paths resolved against the
-manifest's folder, task fields defaulted, and extra columns carried through. A row without
-audio is kept, with status ``invalid_row``.
+A prepared row (``records.PREPARED``) has its id (derived where missing), its audio path resolved
+against the manifest's folder, its task fields defaulted, and the manifest's other columns carried
+through. A row without audio, or a JSONL line that is not a JSON object, is kept with status
+``invalid_row``. Ray reads the same raw batches in its tasks (``plan.py``); the jobs and the
+benchmark stream them through :meth:`Manifest.batches` on one process.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,30 +23,19 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .config import ColumnsConfig, JobConfig, TaskConfig
-from .records import INTERNAL_COLUMNS, TRANSCRIPT_COLUMNS, Status
-from .storage import arrow_filesystem, has_scheme, is_process_local, parent_uri, url_to_fs
+from .errors import CannotRun
+from .records import PREPARED, Status, carried_name, id_hashes, schema_of, stable_id
+from .storage import has_scheme, parent_uri, url_to_fs
 
 
-class ManifestError(ValueError):
+class ManifestError(CannotRun, ValueError):
     """The manifest cannot be read at all (missing, wrong format, no audio column)."""
 
 
-# Columns of a prepared row (the decode stage adds audio columns; extras follow).
-PREPARED_FIELDS = (
-    pa.field("id", pa.string()),
-    pa.field("audio", pa.string()),
-    pa.field("status", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("reference", pa.string()),
-    pa.field("language", pa.string()),
-    pa.field("task", pa.string()),
-    pa.field("target_language", pa.string()),
-    pa.field("keywords", pa.list_(pa.string())),
-)
-
-JSONL_LINE = "text"  # the column Ray's read_text gives each JSONL line
+JSONL_LINE = "text"  # the column a raw JSONL batch holds: one line of text per row, parsed per row
 
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_HEAD_BYTES = 1 << 20  # the head read for a text manifest's columns
 
 
 def detect_format(uri: str, declared: str = "auto") -> str:
@@ -58,12 +50,6 @@ def detect_format(uri: str, declared: str = "auto") -> str:
     return fmt
 
 
-def stable_id(audio_uri: str) -> str:
-    """A readable id that is stable across runs: file stem + hash of the full URI."""
-    stem = posixpath.splitext(posixpath.basename(audio_uri.rstrip("/")))[0] or "audio"
-    return f"{stem}-{hashlib.sha1(audio_uri.encode()).hexdigest()[:10]}"
-
-
 def resolve_audio_uri(audio: str, manifest_dir: str) -> str:
     if has_scheme(audio) or os.path.isabs(audio):
         return audio
@@ -72,28 +58,109 @@ def resolve_audio_uri(audio: str, manifest_dir: str) -> str:
     )
 
 
-def read_manifest_schema(uri: str, cfg: JobConfig) -> pa.Schema:
+@dataclass(frozen=True)
+class Manifest:
+    """One job's manifest, described once (:meth:`open`): what every stage and report needs to
+    know about it without reading it again."""
+
+    uri: str  # absolute: workers may run elsewhere, audio paths are resolved against its folder
+    format: str  # jsonl | csv | parquet
+    schema: pa.Schema  # its columns, from its head (Parquet: the footer's types)
+    extras: tuple[pa.Field, ...]  # the columns carried through to the output
+    n_rows: int | None  # rows, when they can be told cheaply (progress, ETA, read blocks)
+    storage_options: dict[str, Any]
+
+    @classmethod
+    def open(cls, uri: str, cfg: JobConfig) -> "Manifest":
+        """Read the manifest's head and count its rows; refuse one without an audio column."""
+        if not has_scheme(uri):
+            uri = os.path.abspath(uri)
+        fmt = detect_format(uri, cfg.input.format)
+        schema = _read_schema(uri, fmt, cfg.storage.options)
+        empty_jsonl = fmt == "jsonl" and not schema.names  # 0 rows, fine
+        if cfg.input.columns.audio not in schema.names and not empty_jsonl:
+            raise ManifestError(f"manifest {uri} has no {cfg.input.columns.audio!r} column (columns: {schema.names})")
+        return cls(uri, fmt, schema, tuple(extra_fields(schema, fmt, cfg.input.columns)),
+                   _count_rows(uri, fmt, cfg.storage.options), dict(cfg.storage.options))
+
+    @property
+    def directory(self) -> str:
+        return parent_uri(self.uri)
+
+    def csv_options(self) -> pacsv.ConvertOptions:
+        """A CSV has no types: every column is read as text, so "007" stays "007"."""
+        return pacsv.ConvertOptions(column_types={n: pa.string() for n in self.schema.names},
+                                    strings_can_be_null=True)
+
+    def batches(self, rows_per_batch: int = 4096) -> Iterator[pa.Table]:
+        """The raw rows in batches, streamed (never the whole file), in the shape Ray's readers give
+        them (plan.py): Parquet with its types, CSV as text, JSONL as one line of text per row."""
+        fs, path = url_to_fs(self.uri, self.storage_options)
+        if self.format == "parquet":
+            with fs.open(path, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_batch):
+                    yield pa.Table.from_batches([batch])
+        elif self.format == "csv":
+            with fs.open(path, "rb", compression="infer") as f:
+                for batch in pacsv.open_csv(f, convert_options=self.csv_options()):
+                    yield pa.Table.from_batches([batch])
+        else:
+            lines: list[str] = []
+            with fs.open(path, "rt", compression="infer", encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        lines.append(line.rstrip("\n"))
+                    if len(lines) >= rows_per_batch:
+                        yield pa.table({JSONL_LINE: lines})
+                        lines = []
+            if lines:
+                yield pa.table({JSONL_LINE: lines})
+
+    def raw_rows(self, batch: pa.Table) -> Iterator["RawRow"]:
+        """Each row of a raw batch as a dict of its manifest columns (a JSONL line parsed here)."""
+        for raw in batch.to_pylist():
+            if self.format != "jsonl":
+                yield RawRow(raw, json.dumps(raw, sort_keys=True, default=str), None)
+                continue
+            line = raw[JSONL_LINE]
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield RawRow({}, line, f"manifest line is not JSON ({e.msg}): {line[:120]!r}")
+                continue
+            if not isinstance(value, dict):
+                yield RawRow({}, line, f"manifest line is not a JSON object: {line[:120]!r}")
+                continue
+            yield RawRow(value, line, None)
+
+
+@dataclass(frozen=True)
+class RawRow:
+    values: dict[str, Any]  # the manifest's columns ({} when the line could not be parsed)
+    origin: str  # the line as written (JSONL) or its values as JSON: an id of last resort
+    problem: str | None  # why the row cannot be used, when it cannot
+
+
+def _read_schema(uri: str, fmt: str, storage_options: dict[str, Any]) -> pa.Schema:
     """The manifest's columns, read from its head only (Parquet footer, first CSV/JSONL lines)."""
-    fmt = detect_format(uri, cfg.input.format)
     try:
-        fs, path = url_to_fs(uri, cfg.storage.options)
+        fs, path = url_to_fs(uri, storage_options)
         if fmt == "parquet":
             with fs.open(path, "rb") as f:
                 return pq.read_schema(f)
         with fs.open(path, "rb", compression="infer") as f:
-            head = f.read(1 << 20)
+            head = f.read(_HEAD_BYTES)
     except FileNotFoundError as e:
         raise ManifestError(f"manifest not found: {uri}") from e
     except Exception as e:  # noqa: BLE001 - any storage/parse failure means "cannot run"
         raise ManifestError(f"cannot read manifest {uri}: {e}") from e
     lines = head.splitlines()
-    if len(head) == 1 << 20 and len(lines) > 1:
+    if len(head) == _HEAD_BYTES and len(lines) > 1:
         lines = lines[:-1]  # drop a possibly partial last line
-    sample = b"\n".join(lines) + b"\n"
     if fmt == "jsonl":
         return _jsonl_columns(lines, uri)
     try:
-        return pacsv.read_csv(pa.py_buffer(sample)).schema
+        return pacsv.read_csv(pa.py_buffer(b"\n".join(lines) + b"\n")).schema
     except Exception as e:  # noqa: BLE001
         raise ManifestError(f"manifest {uri} is not valid CSV: {e}") from e
 
@@ -113,12 +180,11 @@ def _jsonl_columns(lines: list[bytes], uri: str) -> pa.Schema:
     return pa.schema([pa.field(n, pa.string()) for n in names])
 
 
-def count_rows(uri: str, cfg: JobConfig) -> int | None:
-    """Rows in the manifest, for progress and ETA: Parquet from its footer, JSONL / CSV by counting
-    lines in one streamed pass (no parsing). None when it cannot be told cheaply."""
-    fmt = detect_format(uri, cfg.input.format)
+def _count_rows(uri: str, fmt: str, storage_options: dict[str, Any]) -> int | None:
+    """Parquet from its footer, JSONL / CSV by counting lines in one streamed pass (no parsing).
+    None when it cannot be told cheaply."""
     try:
-        fs, path = url_to_fs(uri, cfg.storage.options)
+        fs, path = url_to_fs(uri, storage_options)
         if fmt == "parquet":
             with fs.open(path, "rb") as f:
                 return pq.ParquetFile(f).metadata.num_rows
@@ -136,7 +202,7 @@ def count_rows(uri: str, cfg: JobConfig) -> int | None:
 def extra_fields(schema: pa.Schema, fmt: str, columns: ColumnsConfig) -> list[pa.Field]:
     """Carried-through columns: Parquet keeps its types; CSV and JSONL values travel as text.
 
-    A column whose name is taken by an output column (``duration_s``, ``text``, ...) is carried
+    A column whose name is taken by a column of the row (``duration_s``, ``text``, ...) is carried
     as ``input_<name>`` rather than dropped.
     """
     mapped = set(columns.model_dump().values())
@@ -147,71 +213,6 @@ def extra_fields(schema: pa.Schema, fmt: str, columns: ColumnsConfig) -> list[pa
         keep = fmt == "parquet" and not pa.types.is_null(field.type)
         fields.append(pa.field(carried_name(field.name), field.type if keep else pa.string(), metadata={"source": field.name}))
     return fields
-
-
-def carried_name(name: str) -> str:
-    """A manifest column's name in the output: ``input_<name>`` where it clashes with an output column."""
-    return f"input_{name}" if name in TRANSCRIPT_COLUMNS or name in INTERNAL_COLUMNS else name
-
-
-MAX_READ_BLOCKS = 4096
-
-
-def read_block_rows(cfg: JobConfig) -> int:
-    """Manifest rows per read block: about one engine batch. A block is what one decode task
-    works through, in order, and what moves on downstream as one unit, so blocks of about a batch
-    keep decode parallel and results streaming to the driver (Ray's default puts a whole small
-    manifest into a handful of blocks)."""
-    return cfg.engine.batch_size
-
-
-def checked_schema(uri: str, cfg: JobConfig) -> pa.Schema:
-    """The manifest's columns (:func:`read_manifest_schema`), refused when it has no audio column."""
-    schema = read_manifest_schema(uri, cfg)
-    empty_jsonl = detect_format(uri, cfg.input.format) == "jsonl" and not schema.names  # 0 rows, fine
-    if cfg.input.columns.audio not in schema.names and not empty_jsonl:
-        raise ManifestError(f"manifest {uri} has no {cfg.input.columns.audio!r} column (columns: {schema.names})")
-    return schema
-
-
-def read_manifest(uri: str, cfg: JobConfig, n_rows: int | None = None, schema: pa.Schema | None = None):
-    """A Ray Dataset of the manifest's raw rows, read in Ray tasks (streamed). ``n_rows`` (when
-    known) sizes the read blocks (:func:`read_block_rows`), up to MAX_READ_BLOCKS blocks;
-    ``schema``: the manifest's :func:`checked_schema`, when the caller has it already."""
-    import ray.data
-
-    fmt = detect_format(uri, cfg.input.format)
-    schema = checked_schema(uri, cfg) if schema is None else schema
-    fs, path = url_to_fs(uri, cfg.storage.options)
-    remote = {"num_cpus": 0.25}  # light: never starve the actor pool
-    if is_process_local(fs):
-        # memory:// lives in this process only; workers cannot see it. The table is already in
-        # this process's memory, so handing it to Ray costs nothing extra.
-        with fs.open(path, "rb") as f:
-            data = pa.py_buffer(f.read())
-        table = {
-            "parquet": lambda: pq.read_table(pa.BufferReader(data)),
-            "csv": lambda: pacsv.read_csv(pa.BufferReader(data), convert_options=_csv_as_text(schema)),
-            "jsonl": lambda: pa.table({JSONL_LINE: [ln for ln in data.to_pybytes().decode().splitlines() if ln.strip()]}),
-        }[fmt]()
-        return ray.data.from_arrow(table)
-    kwargs: dict[str, Any] = {"filesystem": None if fs.protocol in ("file", ("file", "local")) else arrow_filesystem(fs)}
-    read_path = path if kwargs["filesystem"] is not None else os.path.abspath(path)
-    if n_rows:
-        kwargs["override_num_blocks"] = min(MAX_READ_BLOCKS, max(1, -(-n_rows // read_block_rows(cfg))))
-    if fmt == "parquet":
-        return ray.data.read_parquet(read_path, **remote, **kwargs)
-    if fmt == "csv":  # a CSV file is one block at most (its header cannot be split off)
-        kwargs.pop("override_num_blocks", None)
-        return ray.data.read_csv(read_path, **remote, convert_options=_csv_as_text(schema), **kwargs)
-    # JSONL is read as text and parsed per row (PrepareStage): a malformed line becomes one
-    # invalid_row instead of failing the read, and no type inference can split the schema.
-    return ray.data.read_text(read_path, **remote, **kwargs)
-
-
-def _csv_as_text(schema: pa.Schema) -> pacsv.ConvertOptions:
-    # A CSV has no types: read every column as text so "007" stays "007".
-    return pacsv.ConvertOptions(column_types={n: pa.string() for n in schema.names}, strings_can_be_null=True)
 
 
 def _text(value: Any) -> str | None:
@@ -238,73 +239,57 @@ def parse_keywords(value: Any) -> list[str]:
     return [str(k).strip() for k in items if k is not None and str(k).strip()]
 
 
-def _parse_line(raw: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    line = raw[JSONL_LINE]
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError as e:
-        return {}, f"manifest line is not JSON ({e.msg}): {line[:120]!r}"
-    if not isinstance(value, dict):
-        return {}, f"manifest line is not a JSON object: {line[:120]!r}"
-    return value, None
-
-
 class PrepareStage:
-    """Raw manifest batch -> resolved utterance rows with the prepared schema."""
+    """Raw manifest batch -> prepared rows (reads the manifest's columns, adds ``records.PREPARED``
+    and the carried-through extras)."""
 
-    def __init__(self, manifest_uri: str, fmt: str, columns: ColumnsConfig, task: TaskConfig, extras: list[pa.Field],
-                 skip_ids: Any = None):
-        """``skip_ids``: sorted uint64 id hashes (or a Ray object ref to them) of rows an earlier
-        attempt already committed; those rows are left out (resume)."""
-        self.skip_ids = skip_ids
-        self._skip: np.ndarray | None = None
-        self.manifest_dir = parent_uri(manifest_uri)
-        self.jsonl = fmt == "jsonl"
+    def __init__(self, manifest: Manifest, columns: ColumnsConfig, task: TaskConfig,
+                 committed: Callable[[], np.ndarray] | None = None):
+        """``committed``: gives the sorted uint64 id hashes (:func:`records.id_hashes`) of rows an
+        earlier attempt already committed, fetched once per worker on first use; those rows are
+        left out (resume)."""
+        self.manifest = manifest
         self.columns = columns
         self.task = task
-        self.extras = extras
-        self.schema = pa.schema(list(PREPARED_FIELDS) + list(extras))
+        self.committed = committed
+        self._skip: np.ndarray | None = None
+        self.schema = schema_of(PREPARED, manifest.extras)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def rows(self, batch: pa.Table) -> list[dict[str, Any]]:
         c = self.columns
         rows = []
-        for raw in batch.to_pylist():
-            origin = raw[JSONL_LINE] if self.jsonl else json.dumps(raw, sort_keys=True, default=str)
-            raw, problem = _parse_line(raw) if self.jsonl else (raw, None)
-            audio = _text(raw.get(c.audio))
+        for raw in self.manifest.raw_rows(batch):
+            values = raw.values
+            audio = _text(values.get(c.audio))
             row: dict[str, Any] = {
-                "id": _text(raw.get(c.id)),
-                "audio": resolve_audio_uri(audio, self.manifest_dir) if audio else None,
+                "id": _text(values.get(c.id)),
+                "audio": resolve_audio_uri(audio, self.manifest.directory) if audio else None,
                 "status": Status.OK.value,
                 "error": None,
-                "reference": _text(raw.get(c.reference)),
-                "language": _text(raw.get(c.language)) or self.task.language,
-                "task": _text(raw.get(c.task)) or self.task.task,
-                "target_language": _text(raw.get(c.target_language)) or self.task.target_language,
-                "keywords": self.task.keywords + parse_keywords(raw.get(c.keywords)),
+                "reference": _text(values.get(c.reference)),
+                "language": _text(values.get(c.language)) or self.task.language,
+                "task": _text(values.get(c.task)) or self.task.task,
+                "target_language": _text(values.get(c.target_language)) or self.task.target_language,
+                "keywords": self.task.keywords + parse_keywords(values.get(c.keywords)),
             }
-            if problem or row["audio"] is None:
-                row["status"], row["error"] = Status.INVALID_ROW.value, problem or f"row has no {c.audio!r} value"
+            if raw.problem or row["audio"] is None:
+                row["status"], row["error"] = Status.INVALID_ROW.value, raw.problem or f"row has no {c.audio!r} value"
             if row["id"] is None:
-                row["id"] = stable_id(row["audio"] or origin)
-            for field in self.extras:
-                value = raw.get(field.metadata[b"source"].decode())
+                row["id"] = stable_id(row["audio"] or raw.origin)
+            for field in self.manifest.extras:
+                value = values.get(field.metadata[b"source"].decode())
                 row[field.name] = _carried(value) if pa.types.is_string(field.type) else value
             rows.append(row)
-        if self.skip_ids is not None and rows:
-            rows = [row for row, done in zip(rows, self._committed([r["id"] for r in rows])) if not done]
-        return pa.Table.from_pylist(rows, schema=self.schema)
+        if self.committed is not None and rows:
+            rows = [row for row, done in zip(rows, self._is_committed([r["id"] for r in rows])) if not done]
+        return rows
 
-    def _committed(self, ids: list[str]) -> np.ndarray:
-        from .output import id_hashes
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist(self.rows(batch), schema=self.schema)
 
+    def _is_committed(self, ids: list[str]) -> np.ndarray:
         if self._skip is None:
-            skip = self.skip_ids
-            if not isinstance(skip, np.ndarray):  # a Ray object ref, fetched once per worker
-                import ray
-
-                skip = ray.get(skip)
-            self._skip = skip
+            self._skip = self.committed()
         if not len(self._skip):
             return np.zeros(len(ids), dtype=bool)
         hashes = id_hashes(ids)

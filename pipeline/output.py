@@ -1,4 +1,4 @@
-"""Output: Parquet transcripts with the one explicit schema, and summary.json.
+"""Output: Parquet transcripts and segments with the one explicit schema, committed part by part.
 
 The driver is the sink: it receives already-transcribed batches (text only, no audio), writes them
 in parts of at most ``rows_per_file`` rows, and keeps running totals. It holds one part's rows
@@ -9,37 +9,29 @@ and a rerun resumes from the committed parts (see :class:`TranscriptWriter`).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .records import SEGMENT_TABLE_SCHEMA, Status
-from .scoring import CorpusTally
-from .storage import join_uri, retry_call, url_to_fs, write_bytes
+from .errors import CannotRun
+from .records import SEGMENT_TABLE_SCHEMA, Status, id_hashes
+from .storage import TEMP_PREFIX, join_uri, url_to_fs, write_atomic
+from .summary import SUMMARY_NAME, JobTally
 
 
-class OutputExistsError(RuntimeError):
+class OutputExistsError(CannotRun, RuntimeError):
     """The output holds another job's results and overwrite was not asked for."""
 
 
 JOB_MARKER = "_quarry_job.json"  # which job owns this output, and how many attempts it has had
-
-
-def id_hashes(ids: list[str | None]) -> np.ndarray:
-    """8-byte hashes of row ids (uint64): how committed and seen ids are kept compactly."""
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b((i or "").encode(), digest_size=8).digest(), "little") for i in ids),
-        dtype=np.uint64, count=len(ids),
-    )
+INPUTS_NAME = "inputs.jsonl"  # the manifest a job wrote for itself (--audio discovery, call-center's join)
 
 
 @dataclass(frozen=True)
@@ -87,7 +79,7 @@ class TranscriptWriter:
         An output of the same job is resumed; an output of another job (or of an unknown one) is
         refused unless ``overwrite``, which deletes it first.
         """
-        summary = self.root.rstrip("/") + "/summary.json"
+        summary = self.root.rstrip("/") + "/" + SUMMARY_NAME
         subtitles = self.root.rstrip("/") + "/subtitles"
         existing = [p for p in (self.dir, self.segments_dir, subtitles, summary, self.marker) if self.fs.exists(p)]
         job_key = job_key or {}
@@ -106,14 +98,14 @@ class TranscriptWriter:
         self.fs.makedirs(self.segments_dir, exist_ok=True)
         parts = self.committed_parts()
         committed = {p.rsplit("/", 1)[-1] for p in parts}
-        for leftover in self.fs.glob(f"{self.dir}/_tmp-*") + [  # interrupted writes, never committed
+        for leftover in self.fs.glob(f"{self.dir}/{TEMP_PREFIX}*") + [  # interrupted writes, never committed
             p for p in self.fs.glob(f"{self.segments_dir}/*.parquet") if p.rsplit("/", 1)[-1] not in committed
         ]:
             self.fs.rm(leftover)
         ids = self._read_ids(parts)
         self.attempt = (previous or {}).get("attempts", 0) + 1
         marker = json.dumps({"job": job_key, "attempts": self.attempt}, indent=2).encode()
-        retry_call(self.fs.pipe_file, self.marker, marker, what=f"write {self.marker}")
+        write_atomic(self.marker, marker, fs=self.fs)
         return ResumeState(self.attempt, len(parts), len(ids), np.unique(id_hashes(ids)))
 
     def committed_parts(self) -> list[str]:
@@ -179,122 +171,20 @@ class TranscriptWriter:
                     else SEGMENT_TABLE_SCHEMA.empty_table())
         self._pending_segments = []
         self._put(segments, f"{self.segments_dir}/{name}")
-        self._put(table, f"{self.dir}/{name}", temp=f"{self.dir}/_tmp-{name}")
+        self._put(table, f"{self.dir}/{name}")
         self.files.append(join_uri(self.output_uri, "transcripts", name))
         self._last_flush = time.monotonic()
 
-    def _put(self, table: pa.Table, path: str, temp: str | None = None) -> None:
+    def _put(self, table: pa.Table, path: str) -> None:
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
-        data = buffer.getvalue()
-
-        def once() -> None:  # safe to re-run: the temporary name is overwritten, then moved
-            with self.fs.open(temp or path, "wb") as f:
-                f.write(data)
-            if temp:
-                self.fs.mv(temp, path)
-
-        retry_call(once, what=f"write {path}")
+        write_atomic(path, buffer.getvalue(), fs=self.fs)
 
 
-def tally_output(writer: TranscriptWriter) -> "JobTally":
+def tally_output(writer: TranscriptWriter) -> JobTally:
     """Totals over every committed part (all attempts): the summary's source of truth."""
     tally = JobTally()
     for path in writer.committed_parts():
         with writer.fs.open(path, "rb") as f:
             tally.add(pq.read_table(f, columns=list(JobTally.COLUMNS)))
     return tally
-
-
-@dataclass
-class JobTally:
-    """Running totals over output batches; reconciles n_input == n_ok + sum(n_failed)."""
-
-    n_input: int = 0
-    by_status: Counter = field(default_factory=Counter)
-    audio_s: float = 0.0  # audio that was transcribed (status ok)
-    audio_s_decoded: float = 0.0  # audio that decoded, whatever happened next
-    inference_s: float = 0.0  # engine busy seconds, summed over replicas
-    scores: dict[tuple[str, str], CorpusTally] = field(default_factory=dict)
-
-    COLUMNS: ClassVar[tuple[str, ...]] = (
-        "status", "duration_s", "inference_s", "language", "metric", "normalizer",
-        "ref_words", "substitutions", "deletions", "insertions",
-    )
-
-    def add(self, batch: pa.Table) -> None:
-        for row in batch.select(list(self.COLUMNS)).to_pylist():
-            self.n_input += 1
-            self.by_status[row["status"]] += 1
-            self.audio_s_decoded += row["duration_s"] or 0.0
-            self.inference_s += row["inference_s"] or 0.0
-            if row["status"] == Status.OK.value:
-                self.audio_s += row["duration_s"] or 0.0
-            if row["metric"]:
-                key = (row["language"] or "unknown", row["metric"])
-                tally = self.scores.setdefault(key, CorpusTally(row["metric"], row["normalizer"]))
-                tally.add(row["ref_words"], row["substitutions"], row["deletions"], row["insertions"])
-
-    @property
-    def n_ok(self) -> int:
-        return self.by_status.get(Status.OK.value, 0)
-
-    @property
-    def n_failed(self) -> int:
-        return self.n_input - self.n_ok
-
-    def failed_fraction(self) -> float:
-        return self.n_failed / self.n_input if self.n_input else 0.0
-
-
-def build_summary(tally: JobTally, *, job_wall_s: float, started_at: float, engine: str, model: str,
-                  config: dict[str, Any], files: list[str], max_failed_fraction: float,
-                  this_run: dict[str, Any] | None = None, stopped_early: bool = False) -> dict[str, Any]:
-    """Counts and scores over the whole output (``tally``, every attempt); throughput from this
-    run alone (``this_run``: what this attempt processed and how long it took)."""
-    run = this_run or {"audio_s": tally.audio_s, "inference_s": tally.inference_s}
-    failed = {k: v for k, v in sorted(tally.by_status.items()) if k != Status.OK.value}
-    by_language: dict[str, Any] = {}
-    for (language, metric), t in sorted(tally.scores.items()):
-        by_language.setdefault(language, {})[metric] = t.to_dict()
-    overall = {}
-    for metric in sorted({m for _, m in tally.scores}):
-        total = CorpusTally(metric, "per-language")
-        for (_, m), t in tally.scores.items():
-            if m == metric:
-                total.n_scored += t.n_scored
-                total.ref_units += t.ref_units
-                total.substitutions += t.substitutions
-                total.deletions += t.deletions
-                total.insertions += t.insertions
-        overall[metric] = total.to_dict()
-    budget_exceeded = stopped_early or tally.failed_fraction() > max_failed_fraction
-    return {
-        "status": "failed_budget_exceeded" if budget_exceeded else "completed",
-        "stopped_early": stopped_early,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
-        "n_input": tally.n_input,
-        "n_ok": tally.n_ok,
-        "n_failed": tally.n_failed,
-        "n_failed_by_reason": failed,
-        "failed_fraction": round(tally.failed_fraction(), 6),
-        "max_failed_fraction": max_failed_fraction,
-        "audio_s": round(tally.audio_s, 3),
-        "audio_s_decoded": round(tally.audio_s_decoded, 3),
-        "job_wall_s": round(job_wall_s, 3),
-        "inference_s": round(tally.inference_s, 3),
-        "rtfx_job": round(run["audio_s"] / job_wall_s, 3) if job_wall_s else None,
-        "rtfx_inference": round(run["audio_s"] / run["inference_s"], 3) if run["inference_s"] else None,
-        "this_run": this_run,
-        "scores": {"overall": overall, "by_language": by_language},
-        "engine": engine,
-        "model": model,
-        "files": files,
-        "config": config,
-    }
-
-
-def write_summary(output_uri: str, summary: dict[str, Any], storage_options: dict[str, Any]) -> str:
-    uri = join_uri(output_uri, "summary.json")
-    write_bytes(uri, json.dumps(summary, indent=2, ensure_ascii=False).encode(), storage_options)
-    return uri

@@ -1,12 +1,13 @@
 """The Ray Data graph: the only module that knows Ray exists.
 
-manifest read -> PrepareStage -> DecodeStage (CPU tasks: decode, resample, cut long audio into
+manifest read (Ray's readers, in tasks) -> PrepareStage -> DecodeStage (CPU tasks: decode, resample, cut long audio into
 segments) -> InferenceStage (actor pool, one model replica per actor) -> ScoreStage -> streamed to
 the driver: Assembler (segments back into recordings) -> TranscriptWriter -> summary.json.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -14,30 +15,36 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+
 from .assemble import Assembler, SubtitleWriter
 from .config import EngineConfig, JobConfig
 from .engines import preflight
-from .manifest import PrepareStage, checked_schema, count_rows, detect_format, extra_fields, read_manifest
-from .output import JobTally, TranscriptWriter, build_summary, tally_output, write_summary
+from .manifest import JSONL_LINE, Manifest, PrepareStage
+from .output import TranscriptWriter, tally_output
 from .records import transcript_schema
 from .stages import DecodeStage, InferenceStage, ScoreStage
-from .storage import has_scheme, join_uri
+from .storage import arrow_filesystem, is_local, is_process_local, join_uri, url_to_fs
+from .summary import JobSummary, JobTally, RunFigures
 
 log = logging.getLogger("quarry")
 
 # Small CPU reservations for light stages, so they never starve the actor pool (on a 2-core
 # machine an actor pool that takes every CPU would otherwise leave the read task pending forever).
 LIGHT_STAGE_CPUS = 0.25
+MAX_READ_BLOCKS = 4096
 
 
 @dataclass(frozen=True)
-class JobResult:
-    summary: dict[str, Any]
+class RunResult:
+    """What :func:`run_job` returns: the summary it wrote, and where."""
+
+    summary: JobSummary
     summary_uri: str
 
     @property
     def ok(self) -> bool:
-        return self.summary["status"] == "completed"
+        return self.summary.ok
 
 
 def ray_address(cfg: JobConfig) -> str | None:
@@ -90,11 +97,39 @@ def engine_replicas(e: EngineConfig) -> int:
     return int(gpus // e.gpus_per_replica)
 
 
-def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None, n_rows: int | None = None,
-                  schema: Any = None):
-    """The lazy Ray Dataset of output rows, and the output schema. ``skip_ids``: id hashes
-    (or a Ray object ref to them) of rows already committed by an earlier attempt; ``n_rows`` and
-    ``schema``: the manifest's row count and columns, when the caller has read them already."""
+def read_manifest(manifest: Manifest, cfg: JobConfig):
+    """A Ray Dataset of the manifest's raw rows, read in Ray tasks (streamed), in the same shape
+    as :meth:`Manifest.batches`. Read blocks hold about one engine batch: a block is what one decode
+    task works through and what moves on downstream as one unit, so blocks of about a batch keep
+    decode parallel and results streaming to the driver (Ray's default puts a whole small manifest
+    into a handful of blocks)."""
+    import ray.data
+
+    remote = {"num_cpus": LIGHT_STAGE_CPUS}  # light: never starve the actor pool
+    fs, path = url_to_fs(manifest.uri, manifest.storage_options)
+    if is_process_local(fs):
+        # memory:// lives in this process only; workers cannot see it. The table is already in
+        # this process's memory, so handing it to Ray costs nothing extra.
+        tables = list(manifest.batches()) or [pa.table({JSONL_LINE: pa.array([], pa.string())})
+                                              if manifest.format == "jsonl" else manifest.schema.empty_table()]
+        return ray.data.from_arrow(pa.concat_tables(tables))
+    kwargs: dict[str, Any] = {"filesystem": None if is_local(fs) else arrow_filesystem(fs)}
+    read_path = path if kwargs["filesystem"] is not None else os.path.abspath(path)
+    if manifest.n_rows:
+        kwargs["override_num_blocks"] = min(MAX_READ_BLOCKS, max(1, -(-manifest.n_rows // cfg.engine.batch_size)))
+    if manifest.format == "parquet":
+        return ray.data.read_parquet(read_path, **remote, **kwargs)
+    if manifest.format == "csv":  # a CSV file is one block at most (its header cannot be split off)
+        kwargs.pop("override_num_blocks", None)
+        return ray.data.read_csv(read_path, **remote, convert_options=manifest.csv_options(), **kwargs)
+    # JSONL is read as text and parsed per row (PrepareStage): a malformed line becomes one
+    # invalid_row instead of failing the read, and no type inference can split the schema.
+    return ray.data.read_text(read_path, **remote, **kwargs)
+
+
+def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None):
+    """The lazy Ray Dataset of rows for the driver (``stages.scored_schema``).
+    ``committed_ref``: a Ray object ref to the id hashes of rows an earlier attempt committed."""
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
@@ -104,13 +139,16 @@ def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None, n_row
     if not log.isEnabledFor(logging.DEBUG):
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # e.g. "progress bars disabled"
 
-    fmt = detect_format(manifest_uri, cfg.input.format)
-    schema = checked_schema(manifest_uri, cfg) if schema is None else schema
-    extras = extra_fields(schema, fmt, cfg.input.columns)
+    committed = None
+    if committed_ref is not None:
+        import ray
+
+        committed = functools.partial(ray.get, committed_ref)
+    extras = manifest.extras
     e = cfg.engine
-    ds = read_manifest(manifest_uri, cfg, n_rows, schema)
+    ds = read_manifest(manifest, cfg)
     ds = ds.map_batches(
-        PrepareStage(manifest_uri, fmt, cfg.input.columns, cfg.task, extras, skip_ids),
+        PrepareStage(manifest, cfg.input.columns, cfg.task, committed),
         batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS,
     )
     ds = ds.map_batches(
@@ -124,10 +162,9 @@ def build_dataset(cfg: JobConfig, manifest_uri: str, skip_ids: Any = None, n_row
         batch_format="pyarrow", batch_size=e.batch_size,
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=e.batch_size, num_cpus=LIGHT_STAGE_CPUS
     )
-    return ds, transcript_schema(extras)
 
 
 def progress_line(run: JobTally, todo: int | None, elapsed_s: float, long_in_flight: int) -> str:
@@ -149,41 +186,36 @@ def job_key(cfg: JobConfig, manifest_uri: str) -> dict[str, Any]:
     return {
         "manifest": manifest_uri,
         "input": c["input"],
-        "audio": {k: c["audio"][k] for k in ("sample_rate", "resample_quality", "max_duration_s")},
+        "audio": {k: c["audio"][k] for k in ("resample_quality", "max_duration_s")},
         "engine": {k: c["engine"][k] for k in ("name", "model", "whisper", "vllm")},
         "task": c["task"],
         "scoring": c["scoring"],
     }
 
 
-def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bool = False) -> JobResult:
+def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bool = False) -> RunResult:
     """Run one job end to end and write its outputs; resume when OUTPUT holds an interrupted
     attempt of the same job. Raises only when the job cannot run."""
     started = time.time()
     clock = time.perf_counter()
-    if not has_scheme(manifest_uri):  # workers may run elsewhere: audio URIs are resolved absolute
-        manifest_uri = os.path.abspath(manifest_uri)
     if not ray_address(cfg):
         preflight(cfg.engine)  # a local Ray's workers see this machine's files: fail before starting it
-    fmt = detect_format(manifest_uri, cfg.input.format)
-    schema = checked_schema(manifest_uri, cfg)  # the manifest's head, read once, before anything starts
-    extras = extra_fields(schema, fmt, cfg.input.columns)
-    writer = TranscriptWriter(output_uri, transcript_schema(extras), cfg.storage.options, cfg.output.rows_per_file,
+    manifest = Manifest.open(manifest_uri, cfg)  # its head and row count, read once, before anything starts
+    schema = transcript_schema(manifest.extras)
+    writer = TranscriptWriter(output_uri, schema, cfg.storage.options, cfg.output.rows_per_file,
                               cfg.output.flush_interval_s)
-    resume = writer.prepare(overwrite, job_key(cfg, manifest_uri))
+    resume = writer.prepare(overwrite, job_key(cfg, manifest.uri))
     if resume.committed_rows:
         log.info("resuming %s: attempt %d, %d rows already committed in %d files",
                  output_uri, resume.attempt, resume.committed_rows, resume.committed_files)
     init_ray(cfg)
     import ray
 
-    skip = ray.put(resume.committed_ids) if resume.committed_rows else None
-    total = count_rows(manifest_uri, cfg)
-    ds, _ = build_dataset(cfg, manifest_uri, skip, total, schema)
-    assembler = Assembler(transcript_schema(extras), cfg.scoring,
-                          SubtitleWriter(output_uri, cfg.output.subtitles, cfg.storage.options))
+    committed_ref = ray.put(resume.committed_ids) if resume.committed_rows else None
+    ds = build_dataset(cfg, manifest, committed_ref)
+    assembler = Assembler(schema, cfg.scoring, SubtitleWriter(output_uri, cfg.output.subtitles, cfg.storage.options))
     run = JobTally()  # this attempt's rows, for progress and throughput
-    todo = None if total is None else max(0, total - resume.committed_rows)
+    todo = None if manifest.n_rows is None else max(0, manifest.n_rows - resume.committed_rows)
     last_log = clock
     budget = cfg.output
     stopped_early = False
@@ -201,7 +233,7 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
         run.add(writer.write(*assembler.close()))
     writer.close()
     wall = time.perf_counter() - clock
-    summary = build_summary(
+    summary = JobSummary.build(
         tally_output(writer),
         job_wall_s=wall,
         started_at=started,
@@ -210,15 +242,9 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
         config=cfg.redacted(),
         files=[join_uri(output_uri, "transcripts", p.rsplit("/", 1)[-1]) for p in writer.committed_parts()],
         max_failed_fraction=cfg.output.max_failed_fraction,
-        this_run={
-            "attempt": resume.attempt,
-            "n_committed_before": resume.committed_rows,
-            "n_processed": run.n_input,
-            "audio_s": round(run.audio_s, 3),
-            "inference_s": round(run.inference_s, 3),
-            "job_wall_s": round(wall, 3),
-        },
+        this_run=RunFigures(attempt=resume.attempt, n_committed_before=resume.committed_rows,
+                            n_processed=run.n_input, audio_s=round(run.audio_s, 3),
+                            inference_s=round(run.inference_s, 3), job_wall_s=round(wall, 3)),
         stopped_early=stopped_early,
     )
-    uri = write_summary(output_uri, summary, cfg.storage.options)
-    return JobResult(summary, uri)
+    return RunResult(summary, summary.write(output_uri, cfg.storage.options))

@@ -1,4 +1,9 @@
-"""Typed records and the one output schema every writer and test uses.
+"""The row's shape: every column, the sample rate, row statuses and ids, each defined once here.
+
+A row travels manifest -> prepare -> decode -> inference -> score -> driver. Its columns come in
+named groups (:class:`ColumnGroup`); each stage declares the groups it reads and the groups it adds,
+and every schema is composed from groups, never sliced. The output schema is the groups a reader
+sees, in a fixed order, then the manifest's carried-through columns.
 
 Every stage either passes a row on or marks it failed with a :class:`Status` and a message.
 Nothing drops a row.
@@ -6,8 +11,18 @@ Nothing drops a row.
 
 from __future__ import annotations
 
+import hashlib
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import Enum
+from typing import Any
+
+import numpy as np
 import pyarrow as pa
+
+SAMPLE_RATE_HZ = 16_000
+"""Audio leaves the decode stage, and reaches every engine, as 16 kHz mono float32."""
 
 
 class Status(str, Enum):
@@ -30,26 +45,58 @@ class Status(str, Enum):
         return self.value
 
 
-# Columns every output row has, in this order, before the carried-through manifest columns.
-TRANSCRIPT_FIELDS: tuple[pa.Field, ...] = (
+OK = Status.OK.value
+
+
+@dataclass(frozen=True)
+class ColumnGroup:
+    """Columns that travel together and are added by one stage."""
+
+    name: str
+    fields: tuple[pa.Field, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    def nulls(self) -> dict[str, None]:
+        """The group's columns, all null: how a stage fills the columns a failed row never got."""
+        return dict.fromkeys(self.names)
+
+
+# --- The groups, in output order ---------------------------------------------------------------
+
+KEY = ColumnGroup("key", (
     pa.field("id", pa.string(), nullable=False),
-    pa.field("audio", pa.string()),
+    pa.field("audio", pa.string()),  # the resolved audio URI
+))
+STATUS = ColumnGroup("status", (
     pa.field("status", pa.string(), nullable=False),
     pa.field("error", pa.string()),
-    pa.field("text", pa.string()),
+))
+TEXT = ColumnGroup("text", (
+    pa.field("text", pa.string()),  # raw, never normalised
+))
+TASK = ColumnGroup("task", (
     pa.field("reference", pa.string()),
     pa.field("language", pa.string()),
     pa.field("task", pa.string()),
     pa.field("target_language", pa.string()),
-    pa.field("duration_s", pa.float64()),
+))
+DECODED = ColumnGroup("decoded", (
+    pa.field("duration_s", pa.float64()),  # the whole recording's
     pa.field("source_sample_rate", pa.int32()),
     pa.field("source_channels", pa.int32()),
+))
+ENGINE = ColumnGroup("engine", (
     pa.field("engine", pa.string()),
     pa.field("model", pa.string()),
     pa.field("avg_logprob", pa.float64()),
     pa.field("inference_s", pa.float64()),  # this row's share of its batch's engine wall time
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),  # when its engine batch finished
     pa.field("prompt", pa.string()),  # the rendered prompt (prompted engines), for audit
+))
+SCORE = ColumnGroup("score", (
     pa.field("metric", pa.string()),  # "wer" or "cer"
     pa.field("normalizer", pa.string()),
     pa.field("ref_words", pa.int64()),  # reference units: words, or characters for CER languages
@@ -57,7 +104,8 @@ TRANSCRIPT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("deletions", pa.int64()),
     pa.field("insertions", pa.int64()),
     pa.field("wer", pa.float64()),  # the row's error rate in `metric` units
-    # Long and multi-channel recordings (see pipeline/assemble.py); per-segment rows are in segments/.
+))
+RECORDING = ColumnGroup("recording", (  # long and multi-channel recordings (assemble.py)
     pa.field("segments", pa.int32()),  # segments transcribed for this recording (all channels)
     pa.field("channel_texts", pa.list_(pa.struct([
         ("channel", pa.string()), ("text", pa.string()), ("speaking_s", pa.float64()),
@@ -66,34 +114,88 @@ TRANSCRIPT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("conversation", pa.list_(pa.struct([
         ("channel", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string()),
     ]))),  # split: every channel's segments ordered by start time
-)
-TRANSCRIPT_COLUMNS: tuple[str, ...] = tuple(f.name for f in TRANSCRIPT_FIELDS)
-# Columns rows carry between stages but never output (stages.py); a manifest column of the same
-# name is carried through renamed, like one that clashes with an output column.
-INTERNAL_COLUMNS: tuple[str, ...] = (
-    "samples", "keywords", "recording_key", "channel", "n_channels", "segment_index", "n_segments",
-    "start_s", "end_s", "seam_overlap_s", "speech",
-)
+))
+
+# --- Internal groups: carried between stages, never output -------------------------------------
+
+KEYWORDS = ColumnGroup("keywords", (
+    pa.field("keywords", pa.list_(pa.string())),  # the job's keywords, then the row's
+))
+SAMPLES = ColumnGroup("samples", (
+    pa.field("samples", pa.large_binary()),  # this segment: float32 mono SAMPLE_RATE_HZ, raw bytes
+))
+SEGMENT = ColumnGroup("segment", (  # where a row sits in its recording; the driver reassembles
+    pa.field("recording_key", pa.string()),  # unique per input row (ids may repeat in a manifest)
+    pa.field("channel", pa.string()),  # null when channels are mixed
+    pa.field("n_channels", pa.int32()),  # channel streams of the recording (1 when mixed)
+    pa.field("segment_index", pa.int32()),
+    pa.field("n_segments", pa.int32()),  # segments of this channel
+    pa.field("start_s", pa.float64()),
+    pa.field("end_s", pa.float64()),
+    pa.field("seam_overlap_s", pa.float64()),  # audio shared with the previous segment (fixed windows)
+    pa.field("speech", pa.list_(pa.list_(pa.float64()))),  # split mode, segment 0: VAD [start_s, end_s]s
+))
+
+# What each stage of the row's journey holds (stages.py declares reads / adds against these).
+PREPARED = (KEY, STATUS, TASK, KEYWORDS)
+OUTPUT = (KEY, STATUS, TEXT, TASK, DECODED, ENGINE, SCORE, RECORDING)
+INTERNAL = (KEYWORDS, SAMPLES, SEGMENT)
+
+TRANSCRIPT_COLUMNS: tuple[str, ...] = tuple(n for g in OUTPUT for n in g.names)
+INTERNAL_COLUMNS: tuple[str, ...] = tuple(n for g in INTERNAL for n in g.names)
+_FIELDS: dict[str, pa.Field] = {f.name: f for g in OUTPUT + INTERNAL for f in g.fields}
 
 
-def transcript_schema(extra_fields: list[pa.Field] | tuple[pa.Field, ...] = ()) -> pa.Schema:
+def column(name: str) -> pa.Field:
+    """The field of a row column by name, for tables derived from rows (segments, analytics, exports)."""
+    return _FIELDS[name]
+
+
+def schema_of(groups: Iterable[ColumnGroup], extras: Iterable[pa.Field] = ()) -> pa.Schema:
+    """The schema of rows holding ``groups`` (in that order), then the carried-through ``extras``."""
+    return pa.schema([f for g in groups for f in g.fields] + list(extras))
+
+
+def null_row(*groups: ColumnGroup) -> dict[str, Any]:
+    """Every column of ``groups``, null."""
+    row: dict[str, Any] = {}
+    for group in groups:
+        row.update(group.nulls())
+    return row
+
+
+def transcript_schema(extra_fields: Iterable[pa.Field] = ()) -> pa.Schema:
     """The output schema: fixed columns, then the manifest's carried-through columns."""
+    extra_fields = list(extra_fields)
     clash = [f.name for f in extra_fields if f.name in TRANSCRIPT_COLUMNS]
     if clash:
         raise ValueError(f"carried-through columns clash with output columns: {clash}")
-    return pa.schema(list(TRANSCRIPT_FIELDS) + list(extra_fields))
+    return schema_of(OUTPUT, extra_fields)
+
+
+def carried_name(name: str) -> str:
+    """A manifest column's name in the output: ``input_<name>`` where it clashes with a column of
+    the row (output or internal), so nothing the manifest holds is dropped or overwritten."""
+    return f"input_{name}" if name in _FIELDS else name
 
 
 # One row per transcribed segment: OUTPUT/segments/ (timestamps; the recording row holds the whole).
-SEGMENT_TABLE_FIELDS: tuple[pa.Field, ...] = (
-    pa.field("id", pa.string(), nullable=False),  # the recording's id
-    pa.field("channel", pa.string()),  # null when channels are mixed
-    pa.field("segment_index", pa.int32()),
-    pa.field("start_s", pa.float64()),
-    pa.field("end_s", pa.float64()),
-    pa.field("text", pa.string()),
-    pa.field("status", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("avg_logprob", pa.float64()),
-)
-SEGMENT_TABLE_SCHEMA = pa.schema(list(SEGMENT_TABLE_FIELDS))
+SEGMENT_TABLE_SCHEMA = pa.schema([column(n) for n in (
+    "id", "channel", "segment_index", "start_s", "end_s", "text", "status", "error", "avg_logprob")])
+
+
+# --- Ids -----------------------------------------------------------------------------------------
+
+def stable_id(audio_uri: str) -> str:
+    """A readable id that is stable across runs: file stem + hash of the full URI."""
+    stem = posixpath.splitext(posixpath.basename(audio_uri.rstrip("/")))[0] or "audio"
+    return f"{stem}-{hashlib.sha1(audio_uri.encode()).hexdigest()[:10]}"
+
+
+def id_hashes(ids: Iterable[str | None]) -> np.ndarray:
+    """8-byte hashes of row ids (uint64): how committed and seen ids are kept compactly."""
+    ids = list(ids)
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b((i or "").encode(), digest_size=8).digest(), "little") for i in ids),
+        dtype=np.uint64, count=len(ids),
+    )

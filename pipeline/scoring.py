@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import Any, Callable
 
 import jiwer
+from pydantic import BaseModel, computed_field
 
 from .config import ScoringConfig
+from .records import OK
 
 Normalizer = Callable[[str], str]
 
@@ -63,29 +65,69 @@ class ErrorCounts:
         return (self.substitutions + self.deletions + self.insertions) / self.ref_units
 
 
-def score(reference: str, hypothesis: str | None, language: str | None, cfg: ScoringConfig) -> ErrorCounts:
-    """Count errors of ``hypothesis`` against ``reference`` after normalising both."""
-    norm_name = normalizer_name(language, cfg)
-    normalize = get_normalizer(norm_name)
+def metric_for(language: str | None, cfg: ScoringConfig) -> str:
+    """``cer`` for languages written without word boundaries (``scoring.cer_languages``), else ``wer``."""
+    return "cer" if _base_language(language) in cfg.cer_languages else "wer"
+
+
+def _measure(reference: str, hypothesis: str | None, metric: str, normalizer: str):
+    """The one text-preparation path: normalise both texts, then let jiwer align them (words, or
+    characters without spaces for CER). Returns (jiwer's output or None for an empty reference,
+    reference units, hypothesis units). Row scores, corpus totals and the report's alignment all
+    come from here, so the coloured tokens of a report add up to the stored counts."""
+    normalize = get_normalizer(normalizer)
     ref = " ".join(normalize(reference).split())
     hyp = " ".join(normalize(hypothesis or "").split())
-    if _base_language(language) in cfg.cer_languages:
+    if metric == "cer":
         ref, hyp = ref.replace(" ", ""), hyp.replace(" ", "")
-        metric, ref_units = "cer", len(ref)
-        out = jiwer.process_characters(ref, hyp) if ref else None
-        hyp_units = len(hyp)
-    else:
-        metric, ref_units = "wer", len(ref.split())
-        out = jiwer.process_words(ref, hyp) if ref else None
-        hyp_units = len(hyp.split())
+        return (jiwer.process_characters(ref, hyp) if ref else None), len(ref), len(hyp)
+    return (jiwer.process_words(ref, hyp) if ref else None), len(ref.split()), len(hyp.split())
+
+
+def score(reference: str, hypothesis: str | None, language: str | None, cfg: ScoringConfig) -> ErrorCounts:
+    """Count errors of ``hypothesis`` against ``reference`` after normalising both."""
+    metric, norm_name = metric_for(language, cfg), normalizer_name(language, cfg)
+    out, ref_units, hyp_units = _measure(reference, hypothesis, metric, norm_name)
     if out is None:  # empty reference: every hypothesis unit is an insertion
         return ErrorCounts(metric, norm_name, 0, 0, 0, hyp_units)
     return ErrorCounts(metric, norm_name, ref_units, out.substitutions, out.deletions, out.insertions)
 
 
-@dataclass
-class CorpusTally:
-    """Summed counts for one (language, metric) group."""
+def score_row(row: dict[str, Any], cfg: ScoringConfig) -> None:
+    """Fill the SCORE columns of a finished recording row in place. Rows that failed, have no
+    reference, or are translations keep them null. Each row is scored once: a single-segment
+    recording in the workers (stages.ScoreStage), a stitched one when the driver assembles it."""
+    if row["status"] != OK or not row["reference"] or row["task"] != "transcribe":
+        return
+    counts = score(row["reference"], row["text"], row["language"], cfg)
+    row.update(metric=counts.metric, normalizer=counts.normalizer, ref_words=counts.ref_units,
+               substitutions=counts.substitutions, deletions=counts.deletions, insertions=counts.insertions,
+               wer=counts.rate)
+
+
+def align(reference: str, hypothesis: str | None, metric: str, normalizer: str) -> list[tuple[str, str | None, str | None]]:
+    """``(op, ref_token, hyp_token)`` triples, op in ``equal|substitute|delete|insert``, as jiwer
+    aligned the row when it was scored (same normaliser, same units)."""
+    out, _, _ = _measure(reference, hypothesis, metric, normalizer)
+    if out is None:
+        return [("insert", None, h) for h in " ".join(get_normalizer(normalizer)(hypothesis or "").split()).split()]
+    ref_tokens, hyp_tokens = out.references[0], out.hypotheses[0]
+    triples: list[tuple[str, str | None, str | None]] = []
+    for chunk in out.alignments[0]:
+        refs = ref_tokens[chunk.ref_start_idx:chunk.ref_end_idx]
+        hyps = hyp_tokens[chunk.hyp_start_idx:chunk.hyp_end_idx]
+        if chunk.type == "delete":
+            triples += [("delete", r, None) for r in refs]
+        elif chunk.type == "insert":
+            triples += [("insert", None, h) for h in hyps]
+        else:  # equal / substitute: same length on both sides
+            triples += [(chunk.type, r, h) for r, h in zip(refs, hyps, strict=True)]
+    return triples
+
+
+class CorpusTally(BaseModel):
+    """Summed counts for one (language, metric) group; its rate is (S + D + I) / N over the sums.
+    The same model is a summary.json score entry (``rate`` included when dumped)."""
 
     metric: str
     normalizer: str
@@ -95,27 +137,22 @@ class CorpusTally:
     deletions: int = 0
     insertions: int = 0
 
-    def add(self, ref_units: int, substitutions: int, deletions: int, insertions: int) -> None:
-        self.n_scored += 1
+    def add(self, ref_units: int, substitutions: int, deletions: int, insertions: int, n_scored: int = 1) -> None:
+        """Add the counts of ``n_scored`` scored rows."""
+        self.n_scored += n_scored
         self.ref_units += ref_units
         self.substitutions += substitutions
         self.deletions += deletions
         self.insertions += insertions
 
+    def merge(self, other: "CorpusTally") -> None:
+        self.add(other.ref_units, other.substitutions, other.deletions, other.insertions, other.n_scored)
+
+    @property
+    def errors(self) -> int:
+        return self.substitutions + self.deletions + self.insertions
+
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def rate(self) -> float | None:
-        if self.ref_units == 0:
-            return None
-        return (self.substitutions + self.deletions + self.insertions) / self.ref_units
-
-    def to_dict(self) -> dict:
-        return {
-            "metric": self.metric,
-            "rate": self.rate,
-            "normalizer": self.normalizer,
-            "n_scored": self.n_scored,
-            "ref_units": self.ref_units,
-            "substitutions": self.substitutions,
-            "deletions": self.deletions,
-            "insertions": self.insertions,
-        }
+        return self.errors / self.ref_units if self.ref_units else None

@@ -1,4 +1,5 @@
-"""The pipeline's stages: plain callables over Arrow batches, each declaring the columns it adds.
+"""The pipeline's stages: plain callables over Arrow batches, each declaring the column groups
+(``records.py``) it reads and the groups it adds.
 
 None of them knows Ray exists (plan.py wires them); each can be unit-tested on a pyarrow table.
 Every stage keeps every row: a failure sets ``status`` / ``error`` and later stages pass the row on.
@@ -9,51 +10,28 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from .audio import AudioError, load_audio
 from .config import AudioConfig, EngineConfig, ScoringConfig, SegmentConfig, TaskConfig
-from .engines import SAMPLE_RATE_HZ, EngineRequest, EngineResult, load_engine
-from .manifest import PREPARED_FIELDS
-from .records import INTERNAL_COLUMNS, Status, transcript_schema
-from .scoring import score
+from .engines import EngineRequest, EngineResult, load_engine
+from .records import (DECODED, ENGINE, KEYWORDS, OK, OUTPUT, PREPARED, RECORDING, SAMPLE_RATE_HZ, SAMPLES, SCORE,
+                      SEGMENT, TEXT, ColumnGroup, Status, null_row, schema_of)
+from .scoring import score_row
 from .segment import plan_segments, speech_regions
 
-OK = Status.OK.value
+# The groups a row holds after each stage.
+DECODED_ROW = PREPARED + (DECODED, SEGMENT, SAMPLES)
+INFERRED_ROW = PREPARED + (DECODED, SEGMENT, TEXT, ENGINE)
+SCORED_ROW = OUTPUT + (SEGMENT,)  # what reaches the driver: the output columns, and where the row sits
 
-DECODED_FIELDS = (
-    pa.field("duration_s", pa.float64()),  # the whole recording's
-    pa.field("source_sample_rate", pa.int32()),
-    pa.field("source_channels", pa.int32()),
-    pa.field("samples", pa.large_binary()),  # this segment: float32 mono 16 kHz, raw bytes
-)
-# Where a row sits in its recording. Internal: carried to the driver, which puts recordings back
-# together (assemble.py); not output columns.
-SEGMENT_FIELDS = (
-    pa.field("recording_key", pa.string()),  # unique per input row (ids may repeat in a manifest)
-    pa.field("channel", pa.string()),  # null when channels are mixed
-    pa.field("n_channels", pa.int32()),  # channel streams of the recording (1 when mixed)
-    pa.field("segment_index", pa.int32()),
-    pa.field("n_segments", pa.int32()),  # segments of this channel
-    pa.field("start_s", pa.float64()),
-    pa.field("end_s", pa.float64()),
-    pa.field("seam_overlap_s", pa.float64()),  # audio shared with the previous segment (fixed windows)
-    pa.field("speech", pa.list_(pa.list_(pa.float64()))),  # split mode, segment 0: VAD [start_s, end_s]s
-)
-SEGMENT_COLUMNS = tuple(f.name for f in SEGMENT_FIELDS)
-assert set(SEGMENT_COLUMNS) <= set(INTERNAL_COLUMNS), "records.INTERNAL_COLUMNS must list every internal column"
-INFERRED_FIELDS = (
-    pa.field("text", pa.string()),
-    pa.field("engine", pa.string()),
-    pa.field("model", pa.string()),
-    pa.field("avg_logprob", pa.float64()),
-    pa.field("inference_s", pa.float64()),
-    pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
-    pa.field("prompt", pa.string()),
-)
+
+def scored_schema(extras: list[pa.Field] | tuple[pa.Field, ...]) -> pa.Schema:
+    """What reaches the driver (assemble.py): the output schema plus ``records.SEGMENT``."""
+    return schema_of(SCORED_ROW, extras)
 
 
 class DecodeStage:
@@ -62,15 +40,18 @@ class DecodeStage:
 
     A generator: it emits ``segment.rows_per_batch`` rows at a time, so one long recording leaves
     this stage as a stream of small blocks and its decoded audio is held once, here, while it is
-    being cut. Adds DECODED_FIELDS and SEGMENT_FIELDS.
+    being cut.
     """
 
+    reads: ClassVar[tuple[ColumnGroup, ...]] = PREPARED
+    adds: ClassVar[tuple[ColumnGroup, ...]] = (DECODED, SEGMENT, SAMPLES)
+
     def __init__(self, audio: AudioConfig, segment: SegmentConfig, storage_options: dict[str, Any],
-                 extras: list[pa.Field]):
+                 extras: list[pa.Field] | tuple[pa.Field, ...]):
         self.audio = audio
         self.segment = segment
         self.storage_options = storage_options
-        self.schema = pa.schema(list(PREPARED_FIELDS) + list(DECODED_FIELDS) + list(SEGMENT_FIELDS) + list(extras))
+        self.schema = schema_of(DECODED_ROW, extras)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         out: list[dict] = []
@@ -84,9 +65,9 @@ class DecodeStage:
             yield pa.Table.from_pylist(out, schema=self.schema)
 
     def _rows(self, row: dict) -> Iterator[dict]:
-        row.update(recording_key=uuid.uuid4().hex, duration_s=None, source_sample_rate=None, source_channels=None,
-                   samples=None, channel=None, n_channels=1, segment_index=0, n_segments=1, start_s=0.0, end_s=None,
-                   seam_overlap_s=0.0, speech=None)
+        row.update(null_row(*self.adds))
+        row.update(recording_key=uuid.uuid4().hex, n_channels=1, segment_index=0, n_segments=1, start_s=0.0,
+                   seam_overlap_s=0.0)
         if row["status"] != OK:
             yield row
             return
@@ -95,7 +76,7 @@ class DecodeStage:
             decoded = load_audio(
                 row["audio"],
                 self.storage_options,
-                target_rate=self.audio.sample_rate,
+                target_rate=SAMPLE_RATE_HZ,
                 quality=self.audio.resample_quality,
                 max_duration_s=self.audio.max_duration_s,
                 split_channels=split,
@@ -139,20 +120,26 @@ class DecodeStage:
 
 
 class InferenceStage:
-    """Runs the engine (one replica per actor). Replaces ``samples`` with INFERRED_FIELDS.
+    """Runs the engine (one replica per actor). Reads ``samples`` (and drops them), adds the
+    transcript and who made it.
 
     A batch goes to the engine in ONE call, longest clip first: engines that pad a batch to its
     longest clip (Whisper's encoder, Granite's) or schedule in arrival order (vLLM) then work on
     clips of similar length together. Results are mapped back to their rows by position.
     """
 
-    def __init__(self, engine: EngineConfig, extras: list[pa.Field], task: TaskConfig | None = None):
+    reads: ClassVar[tuple[ColumnGroup, ...]] = DECODED_ROW
+    adds: ClassVar[tuple[ColumnGroup, ...]] = (TEXT, ENGINE)
+
+    def __init__(self, engine: EngineConfig, extras: list[pa.Field] | tuple[pa.Field, ...],
+                 task: TaskConfig | None = None):
         self.engine = load_engine(engine, task)  # once per actor, never per batch
-        self.schema = pa.schema(list(PREPARED_FIELDS) + list(DECODED_FIELDS[:-1]) + list(SEGMENT_FIELDS)
-                                + list(INFERRED_FIELDS) + list(extras))
+        self.schema = schema_of(INFERRED_ROW, extras)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
+        for row in rows:
+            row.update(null_row(*self.adds))
         todo = sorted((row for row in rows if row["status"] == OK), key=lambda r: -len(r["samples"]))
         requests = [
             EngineRequest(
@@ -207,43 +194,23 @@ class InferenceStage:
 
 
 class ScoreStage:
-    """Scores whole recordings that have a reference; casts to the output schema plus
-    SEGMENT_FIELDS. Segments of a longer recording are scored after stitching (assemble.py)."""
+    """Scores recordings that are whole in one row (most clips) against their reference, and
+    shapes rows to :func:`scored_schema`. A recording cut into segments is scored once it is put
+    back together (assemble.py); both go through :func:`pipeline.scoring.score_row`."""
 
-    def __init__(self, scoring: ScoringConfig, extras: list[pa.Field]):
+    reads: ClassVar[tuple[ColumnGroup, ...]] = INFERRED_ROW
+    adds: ClassVar[tuple[ColumnGroup, ...]] = (SCORE, RECORDING)
+
+    def __init__(self, scoring: ScoringConfig, extras: list[pa.Field] | tuple[pa.Field, ...]):
         self.scoring = scoring
         self.schema = scored_schema(extras)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         for row in rows:
-            row.pop("keywords", None)
-            row.update(metric=None, normalizer=None, ref_words=None, substitutions=None, deletions=None, insertions=None,
-                       wer=None, segments=1, channel_texts=None, overlap_s=None, conversation=None)
-            if row["n_segments"] != 1 or row["channel"] is not None:
-                continue
-            score_row(row, self.scoring)
+            for name in KEYWORDS.names:
+                row.pop(name, None)
+            row.update(null_row(*self.adds), segments=1)
+            if row["n_segments"] == 1 and row["channel"] is None:
+                score_row(row, self.scoring)
         return pa.Table.from_pylist(rows, schema=self.schema)
-
-
-def scored_schema(extras: list[pa.Field]) -> pa.Schema:
-    """What reaches the driver: the output schema plus SEGMENT_FIELDS."""
-    return pa.schema(list(transcript_schema(extras)) + list(SEGMENT_FIELDS))
-
-
-def score_row(row: dict, scoring: ScoringConfig) -> None:
-    """Fill the score columns of an output row in place (rows without a reference are left null)."""
-    if row["status"] != OK or not row["reference"] or row["task"] != "transcribe":
-        return
-    counts = score(row["reference"], row["text"], row["language"], scoring)
-    row.update(
-        metric=counts.metric,
-        normalizer=counts.normalizer,
-        ref_words=counts.ref_units,
-        substitutions=counts.substitutions,
-        deletions=counts.deletions,
-        insertions=counts.insertions,
-        wer=counts.rate,
-    )
-
-

@@ -12,7 +12,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .engines.base import SAMPLE_RATE_HZ
+from .records import SAMPLE_RATE_HZ
 from .segment import Cue, Segment
 
 MAX_WORDS_PER_S = 6.0

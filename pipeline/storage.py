@@ -11,14 +11,14 @@ Transient storage faults (throttling, 5xx, broken connections) are retried here,
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import functools
 import http.client
 import logging
 import posixpath
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -61,10 +61,18 @@ def parent_uri(uri: str) -> str:
     return posixpath.dirname(uri)
 
 
+def _fs_protocol(fs) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
 def is_process_local(fs) -> bool:
     """True for filesystems that live in one process's memory (memory://)."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol == "memory"
+    return _fs_protocol(fs) == "memory"
+
+
+def is_local(fs) -> bool:
+    """True for this machine's disks (where a half-written file is visible until it is renamed)."""
+    return _fs_protocol(fs) in ("file", "local")
 
 
 # --- Retries -------------------------------------------------------------------------------------
@@ -226,19 +234,6 @@ def retry_call(fn: Callable[..., T], *args: Any, policy: RetryPolicy = DEFAULT_R
     return retrying(fn, *args, **kwargs)
 
 
-def retrying(policy: RetryPolicy = DEFAULT_RETRY, what: str | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Decorator form of :func:`retry_call` (``what`` defaults to the function's name)."""
-
-    def wrap(fn: Callable[..., T]) -> Callable[..., T]:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> T:
-            return retry_call(fn, *args, policy=policy, what=what or fn.__qualname__, **kwargs)
-
-        return wrapper
-
-    return wrap
-
-
 # Operation-level retries in this process, by operation kind (tests and progress logs read it).
 RETRY_COUNTS: Counter = Counter()
 
@@ -266,12 +261,44 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None, policy: 
     return retry_call(once, policy=policy, what=f"read {uri}")
 
 
-def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None,
-                policy: RetryPolicy = DEFAULT_RETRY) -> None:
-    """Write ``data`` as the whole object at ``uri`` (replacing it), with both retry layers."""
+TEMP_PREFIX = "_tmp-"
+"""Files being written carry this prefix until they are complete; readers (pyarrow datasets,
+globs of ``part-*``) never see them, and a rerun removes leftovers."""
+
+
+@contextlib.contextmanager
+def atomic_open(fs, path: str, mode: str = "wb", **open_kwargs: Any) -> Iterator[Any]:
+    """Open ``path`` for writing so that readers see the old file or the whole new one, never half:
+    the data goes to ``_tmp-<name>`` beside it and is moved into place when the block ends without
+    an error (on an error the temporary file is removed). The one way Quarry writes a file that
+    readers may open."""
+    parent, name = posixpath.split(path)
+    temp = posixpath.join(parent, TEMP_PREFIX + name)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    try:
+        with fs.open(temp, mode, **open_kwargs) as f:
+            yield f
+        fs.mv(temp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if fs.exists(temp):
+                fs.rm(temp)
+        raise
+
+
+def write_atomic(uri: str, data: bytes, storage_options: dict[str, Any] | None = None,
+                 policy: RetryPolicy = DEFAULT_RETRY, *, fs: Any = None) -> None:
+    """Write ``data`` as the whole file at ``uri`` (replacing it) through :func:`atomic_open`, with
+    both retry layers. ``fs``: a filesystem already made for ``uri``'s store (``uri`` is then its
+    path)."""
 
     def once() -> None:
-        fs, path = url_to_fs(uri, storage_options, policy)
-        fs.pipe_file(path, data)
+        target, path = (fs, uri) if fs is not None else url_to_fs(uri, storage_options, policy)
+        if not is_local(target):  # one PUT: an object store shows the whole object or none
+            target.pipe_file(path, data)
+            return
+        with atomic_open(target, path) as f:
+            f.write(data)
 
     retry_call(once, policy=policy, what=f"write {uri}")

@@ -73,14 +73,14 @@ def test_a_model_that_cannot_be_found_fails_before_ray_starts(tmp_path, monkeypa
 
 
 def test_progress_line_gives_share_done_and_eta(tmp_path):
-    from pipeline.manifest import count_rows
-    from pipeline.output import JobTally
+    from pipeline.manifest import Manifest
     from pipeline.plan import progress_line
+    from pipeline.summary import JobTally
 
     (tmp_path / "m.jsonl").write_text('{"audio": "a"}\n{"audio": "b"}\n{"audio": "c"}')  # no final newline
     (tmp_path / "m.csv").write_text("audio\na\nb\n")
-    assert count_rows(str(tmp_path / "m.jsonl"), load_config(None)) == 3
-    assert count_rows(str(tmp_path / "m.csv"), load_config(None)) == 2
+    assert Manifest.open(str(tmp_path / "m.jsonl"), load_config(None)).n_rows == 3
+    assert Manifest.open(str(tmp_path / "m.csv"), load_config(None)).n_rows == 2
     run = JobTally(n_input=25, audio_s=1800.0)
     line = progress_line(run, 100, 60.0, 2)
     assert line.startswith("25/100 rows (25%)") and "0.50 h of audio" in line and "RTFx 30.0" in line

@@ -154,7 +154,7 @@ def test_job_reading_through_throttling_5xx_and_resets_completes_with_every_row_
     assert accounting == {"rows_in": 16, "rows_out": 16, "duplicates": 0, "lost": 0}
     assert (out["status"] == "ok").all(), out.loc[out["status"] != "ok", ["id", "status", "error"]].to_dict("records")
     assert out.set_index("id")["text"].to_dict() == expected  # every row has its own audio's text
-    s = result.summary
+    s = result.summary.model_dump()
     assert s["n_input"] == s["n_ok"] == 16 and s["n_failed_by_reason"] == {}
     # the faults really happened, on the manifest and on the audio, in every kind, and were retried
     assert manifest_faults >= 2 and audio_faults >= 4
@@ -231,7 +231,7 @@ def test_without_retries_the_same_faults_lose_the_read(one_object, proxies):
 def test_writes_ride_out_transient_faults(s3_server, s3_bucket, proxies):
     proxy = proxies(share=1.0, kinds=("slowdown", "internal", "reset"), methods=("PUT",), max_consecutive=2)
     options = {"client_kwargs": {"endpoint_url": proxy.url}}
-    storage.write_bytes(f"s3://{s3_bucket}/w/summary.json", b'{"ok": true}', options)
+    storage.write_atomic(f"s3://{s3_bucket}/w/summary.json", b'{"ok": true}', options)
     assert s3_client(s3_server).get_object(Bucket=s3_bucket, Key="w/summary.json")["Body"].read() == b'{"ok": true}'
     puts = [e.outcome for e in proxy.entries(f"{s3_bucket}/w/summary.json") if e.method == "PUT"]
     assert puts[-1] == "forwarded" and len([p for p in puts if p != "forwarded"]) == 2
@@ -329,7 +329,7 @@ def test_engine_actor_killed_mid_run_is_restarted_and_every_row_comes_out_once(r
     assert accounting == {"rows_in": n_rows, "rows_out": n_rows, "duplicates": 0, "lost": 0}  # ... and retried its batch
     assert (out["status"] == "ok").all()
     assert out.set_index("id")["text"].to_dict() == expected
-    s = outcome["result"].summary
+    s = outcome["result"].summary.model_dump()
     assert s["n_input"] == s["n_ok"] == n_rows
 
 
@@ -393,7 +393,7 @@ def corpus_job(ray_session, s3_server, tmp_path_factory):
         proxy.stop()
     out = read_s3_transcripts(s3, bucket, "out")
     return {"rows": rows, "expected": expected, "extra": extra, "good_text": good_text, "out": out,
-            "summary": result.summary, "proxy": proxy, "bucket": bucket, "wav_text": fingerprint(wav)}
+            "summary": result.summary.model_dump(), "proxy": proxy, "bucket": bucket, "wav_text": fingerprint(wav)}
 
 
 def test_corpus_of_bad_inputs_each_row_gets_its_status_and_good_rows_are_untouched(corpus_job, capsys):

@@ -41,6 +41,6 @@ def test_pipeline_on_cuda_spreads_over_every_gpu(tmp_path, ray_session):
     result = run_job(cfg, str(manifest), str(tmp_path / "out"))
     out = read_transcripts(tmp_path / "out")
     assert sorted(out["id"]) == sorted(r["id"] for r in rows) and (out["status"] == "ok").all()
-    assert read_summary(tmp_path / "out")["n_ok"] == len(rows) == result.summary["n_input"]
+    assert read_summary(tmp_path / "out")["n_ok"] == len(rows) == result.summary.n_input
     if os.environ.get("QUARRY_GRANITE_PATH"):
-        assert result.summary["scores"]["by_language"]["en"]["wer"]["rate"] < 0.15
+        assert result.summary.scores.by_language["en"]["wer"].rate < 0.15

@@ -15,7 +15,7 @@ from .helpers import read_transcripts
 def _night(archive, runs, date):
     found = discover(str(archive), str(runs / f"run_date={date}"), skip_done_in=str(runs))
     result = run_job(load_config(None, ["engine.name=fake"]), found.manifest_uri, str(runs / f"run_date={date}"))
-    assert result.ok and result.summary["n_input"] == found.n_todo
+    assert result.ok and result.summary.n_input == found.n_todo
     return found
 
 

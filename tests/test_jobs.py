@@ -41,20 +41,11 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.jobs import (
-    CallCenterJob,
-    DatasetLabelingJob,
-    JobError,
-    NightlyArchiveJob,
-    analytics_schema,
-    call_analytics,
-    canary_passes,
-    join_campaign_keywords,
-    keyword_hits,
-    load_job,
-    read_campaigns,
-    run_job_file,
-)
+from pipeline.jobs import run_job_file
+from pipeline.jobs.call_center import (analytics_schema, call_analytics, join_campaign_keywords, keyword_hits,
+                                       read_campaigns)
+from pipeline.jobs.nightly import canary_passes
+from pipeline.jobs.spec import CallCenterJob, DatasetLabelingJob, JobError, NightlyArchiveJob, load_job
 
 from .conftest import EVAL_DIR, REPO, eval_rows
 from .helpers import read_transcripts, write_jsonl
@@ -302,7 +293,7 @@ def test_nightly_archive_is_incremental_and_its_canary_gate_fails_a_wer_regressi
     first = run_job_file(job, run_date="2026-11-21", echo=None)
     assert first.exit_code == 0 and first.canary.passed and first.canary.last_good is None
     assert (first.n_found, first.n_done_before, first.n_todo) == (3, 0, 3)
-    assert first.summary["n_ok"] == 3
+    assert first.summary.n_ok == 3
     assert first.canary.rate < 0.2  # tiny.en on two clean clips
     assert json.loads(last_good.read_text())["run_date"] == "2026-11-21"
     assert json.loads(last_good.read_text())["rate"] == first.canary.rate
@@ -380,7 +371,7 @@ def test_call_center_joins_campaign_keywords_and_writes_consistent_analytics(ray
     result = run_job_file(job, overrides=["engine.replicas=2", "engine.cpus_per_replica=0.75"], echo=printed.append)
 
     out = tmp_path / "out"
-    assert result.exit_code == 0 and result.summary["n_ok"] == 2
+    assert result.exit_code == 0 and result.summary.n_ok == 2
     inputs = {r["id"]: r for r in map(json.loads, (out / "inputs.jsonl").read_text().splitlines())}
     assert inputs["call-a"]["keywords"] == ["narrative", "town", "refund"]
     assert inputs["call-b"]["keywords"] == ["infection", "dinosaurs"]
@@ -442,7 +433,7 @@ def test_dataset_labeling_filters_exports_that_load_back_and_subtitles(ray_sessi
     result = run_job_file(job, overrides=["engine.name=fake"], echo=None)
 
     out = tmp_path / "out"
-    assert result.exit_code == 0 and result.summary["n_ok"] == len(LABEL_CLIPS)
+    assert result.exit_code == 0 and result.summary.n_ok == len(LABEL_CLIPS)
     assert set(read_transcripts(out)["id"]) == set(LABEL_CLIPS)  # every row labelled; the filters are for exports
     assert {fmt: r.count for fmt, r in result.exports.items()} == {"lhotse": 3, "nemo": 3, "hf": 3}
 
@@ -465,7 +456,7 @@ def test_dataset_labeling_filters_exports_that_load_back_and_subtitles(ray_sessi
     assert all(any(name.startswith(rid) for name in subtitles) for rid in LABEL_CLIPS)
 
     again = run_job_file(job, overrides=["engine.name=fake"], echo=None)  # a rerun resumes
-    assert again.summary["this_run"]["n_processed"] == 0 and again.summary["n_ok"] == len(LABEL_CLIPS)
+    assert again.summary.this_run.n_processed == 0 and again.summary.n_ok == len(LABEL_CLIPS)
     with gzip.open(out / "exports" / "cuts.jsonl.gz", "rt") as f:
         assert len(f.readlines()) == 3
 

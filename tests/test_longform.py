@@ -68,7 +68,7 @@ def longform(tmp_path_factory, ray_session):
 
 
 def _wer(rows) -> float:
-    tally = CorpusTally("wer", "whisper_english")
+    tally = CorpusTally(metric="wer", normalizer="whisper_english")
     for r in rows:
         tally.add(r["ref_words"], r["substitutions"], r["deletions"], r["insertions"])
     return tally.rate
@@ -79,7 +79,7 @@ def test_every_recording_is_transcribed_and_stitched_wer_matches_clip_by_clip(lo
     got = read_transcripts(out).set_index("id")
     assert sorted(got.index) == sorted(r["id"] for r in rows)
     assert (got["status"] == "ok").all(), got.loc[got["status"] != "ok", "error"].to_dict()
-    assert result.summary["n_input"] == len(rows)
+    assert result.summary.n_input == len(rows)
     ten = got.loc["ten-minutes"]
     assert ten["duration_s"] > 600 and ten["segments"] >= 20
     one_by_one = _wer([got.loc[r["id"]] for r in short])

@@ -50,7 +50,7 @@ def test_every_row_comes_out_once_with_its_own_audio_and_carried_columns(ray_ses
         assert out.loc[r["id"], "duration_s"] == pytest.approx(r["duration_s"], abs=0.01)
         assert out.loc[r["id"], "input_duration_s"] == "claimed"  # a clashing column is kept, renamed
     assert (out["status"] == "ok").all() and out["wer"].notna().all()
-    assert result.summary["n_input"] == result.summary["n_ok"] == len(rows)
+    assert result.summary.n_input == result.summary.n_ok == len(rows)
 
 
 def test_output_schema_is_explicit_and_identical_on_every_file(ray_session, clips, tmp_path):
@@ -117,7 +117,7 @@ def test_bad_rows_keep_their_place_with_a_reason_and_totals_reconcile(ray_sessio
     assert out["status"].to_dict() == expected
     assert out.loc[out["status"] != "ok", "error"].notna().all()
     assert out.loc[["good-0", "good-1"], "text"].notna().all()
-    s = result.summary
+    s = result.summary.model_dump()
     assert s["n_input"] == len(manifest_rows) + 1
     assert s["n_input"] == s["n_ok"] + sum(s["n_failed_by_reason"].values())
     assert s["n_failed_by_reason"]["decode_error"] == 2
@@ -127,7 +127,7 @@ def test_failed_rows_over_budget_mark_the_job_failed(ray_session, clips, tmp_pat
     rows, folder = clips
     manifest = write_jsonl(folder / "m.jsonl", [{"id": "ok", "audio": rows[0]["audio"]}, {"id": "gone", "audio": "nope.wav"}])
     result = run_job(fake_cfg("output.max_failed_fraction=0.25"), str(manifest), str(tmp_path / "out"))
-    assert not result.ok and result.summary["status"] == "failed_budget_exceeded"
+    assert not result.ok and result.summary.status == "failed_budget_exceeded"
     assert read_summary(tmp_path / "out")["failed_fraction"] == 0.5
     assert len(read_transcripts(tmp_path / "out")) == 2  # what completed is kept
 
@@ -139,8 +139,8 @@ def test_rerun_resumes_the_same_job_and_refuses_another_without_the_flag(ray_ses
     manifest = write_jsonl(folder / "m.jsonl", [{"audio": r["audio"]} for r in rows[:3]])
     first = run_job(fake_cfg(), str(manifest), str(tmp_path / "out"))
     again = run_job(fake_cfg(), str(manifest), str(tmp_path / "out"))  # same job: nothing left to do
-    assert again.summary["this_run"] == {**again.summary["this_run"], "attempt": 2, "n_committed_before": 3, "n_processed": 0}
-    assert len(read_transcripts(tmp_path / "out")) == 3 and again.summary["n_input"] == first.summary["n_input"] == 3
+    assert again.summary.this_run.model_dump() == {**again.summary.this_run.model_dump(), "attempt": 2, "n_committed_before": 3, "n_processed": 0}
+    assert len(read_transcripts(tmp_path / "out")) == 3 and again.summary.n_input == first.summary.n_input == 3
     other = write_jsonl(folder / "other.jsonl", [{"audio": rows[3]["audio"]}])
     with pytest.raises(OutputExistsError, match="--overwrite"):
         run_job(fake_cfg(), str(other), str(tmp_path / "out"))
@@ -161,7 +161,7 @@ def test_duplicate_ids_keep_their_rows_and_only_the_first_is_ok(ray_session, cli
     assert len(out) == 5 and sorted(out["status"]) == ["duplicate_id", "duplicate_id", "ok", "ok", "ok"]
     assert out.loc[out["status"] == "duplicate_id", "error"].str.contains("already appeared").all()
     assert out.groupby("id")["status"].apply(lambda s: (s == "ok").sum()).eq(1).all()
-    assert result.summary["n_failed_by_reason"] == {"duplicate_id": 2}
+    assert result.summary.n_failed_by_reason == {"duplicate_id": 2}
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])

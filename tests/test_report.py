@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ScoringConfig, load_config
-from pipeline.output import JobTally, build_summary, write_summary
 from pipeline.records import TRANSCRIPT_COLUMNS, transcript_schema
-from pipeline.report import ReportError, align, write_report
-from pipeline.scoring import score
+from pipeline.report import ReportError, write_report
+from pipeline.scoring import align, score
+from pipeline.summary import JobSummary, JobTally
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -81,11 +81,11 @@ def make_output(root: Path, *, with_time: bool = True) -> dict:
     files = write_parts(root, table, rows_per_file=6)
     tally = JobTally()
     tally.add(table)
-    summary = build_summary(tally, job_wall_s=80.0, started_at=STARTED.timestamp(), engine="whisper", model="base",
-                            config=load_config(None, ["engine.model=base"]).redacted(), files=files,
-                            max_failed_fraction=1.0)
-    write_summary(str(root), summary, {})
-    return summary
+    summary = JobSummary.build(tally, job_wall_s=80.0, started_at=STARTED.timestamp(), engine="whisper", model="base",
+                               config=load_config(None, ["engine.model=base"]).redacted(), files=files,
+                               max_failed_fraction=1.0)
+    summary.write(str(root), {})
+    return summary.model_dump()
 
 
 def write_parts(root: Path, table: pa.Table, rows_per_file: int) -> list[str]:

@@ -39,7 +39,7 @@ def test_job_reads_manifest_and_audio_from_s3_and_writes_results_back(ray_sessio
     assert status == {rows[0]["id"]: "ok", rows[1]["id"]: "ok", rows[2]["id"]: "ok", "absolute": "ok", "missing": "missing_object"}
     summary = json.loads(s3.get_object(Bucket=s3_bucket, Key="out/run1/summary.json")["Body"].read())
     assert summary["n_input"] == 5 and summary["n_ok"] == 4
-    assert result.summary["files"][0].startswith(f"s3://{s3_bucket}/out/run1/transcripts/")
+    assert result.summary.files[0].startswith(f"s3://{s3_bucket}/out/run1/transcripts/")
     # the test credentials never reach the outputs
     blob = json.dumps(summary) + table.to_pandas().to_json()
     assert "quarry-test-secret" not in blob and "quarry-test-key" not in blob

@@ -37,7 +37,7 @@ def test_empty_reference_counts_insertions_with_no_rate():
 
 
 def test_corpus_rate_is_summed_counts_not_mean_of_row_rates():
-    tally = CorpusTally("wer", "whisper_english")
+    tally = CorpusTally(metric="wer", normalizer="whisper_english")
     tally.add(ref_units=1, substitutions=1, deletions=0, insertions=0)  # row rate 1.0
     tally.add(ref_units=9, substitutions=0, deletions=0, insertions=0)  # row rate 0.0
     assert tally.rate == pytest.approx(0.1)  # the mean of row rates would say 0.5

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from pipeline import segment as seg_mod
+from pipeline import vad as vad_mod
 from pipeline.audio import load_audio
-from pipeline.segment import Cue, Segment, VadOptions, VadUnavailable, plan_segments, speech_probabilities
+from pipeline.segment import Cue, Segment, VadOptions, plan_segments
+from pipeline.vad import VadUnavailable, speech_probabilities
 from pipeline.stitch import conversation, speaking_stats, stitch
 from pipeline.subtitles import to_srt, to_webvtt
 
@@ -117,7 +119,7 @@ def _check_tiling(
 
     opts = opts or VadOptions()
     probs = speech_probabilities(samples) if probs is None else probs
-    regions = seg_mod._padded(seg_mod._speech_frames(probs, opts, SR / seg_mod.VAD_FRAME), opts, n)
+    regions = seg_mod._padded(seg_mod._speech_frames(probs, opts, SR / vad_mod.VAD_FRAME), opts, n)
     gaps = list(zip([0, *(b for _, b in regions)], [*(a for a, _ in regions), n]))
     cuts = [(prev, nxt) for prev, nxt in pairwise(segments) if not nxt.overlap_before]
     in_gap = [bisect.bisect_right(gaps, (prev.end, n)) - 1 for prev, _ in cuts]  # the gap starting last before
@@ -125,7 +127,7 @@ def _check_tiling(
     for (prev, nxt), k in zip(cuts, in_gap):
         cut = prev.end
         if k is None:  # inside a speech region: only at a short pause
-            quiet = probs[max(0, cut - 1) // seg_mod.VAD_FRAME : cut // seg_mod.VAD_FRAME + 1]
+            quiet = probs[max(0, cut - 1) // vad_mod.VAD_FRAME : cut // vad_mod.VAD_FRAME + 1]
             assert quiet.min() < opts.threshold, f"cut at {cut / SR:.2f} s is in speech"
             continue
         g0, g1 = gaps[k]
@@ -238,14 +240,14 @@ def test_streamed_vad_probabilities_equal_one_call_over_the_whole_clip():
     row = next(r for r in eval_rows() if r["id"] == "librivox_de_aeneas_long")  # 68 s: several blocks
     samples = load_audio(str(EVAL_DIR / row["audio"])).samples
     ours = speech_probabilities(samples)
-    padded = np.pad(samples, (0, seg_mod.VAD_FRAME - len(samples) % seg_mod.VAD_FRAME))
+    padded = np.pad(samples, (0, vad_mod.VAD_FRAME - len(samples) % vad_mod.VAD_FRAME))
     theirs = get_vad_model()(padded).reshape(-1)[: len(ours)]
-    assert len(ours) == -(-len(samples) // seg_mod.VAD_FRAME)
+    assert len(ours) == -(-len(samples) // vad_mod.VAD_FRAME)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
 def test_fixed_windows_without_vad_need_no_onnxruntime(monkeypatch, clips):
-    seg_mod._silero_session.cache_clear()
+    vad_mod._silero_session.cache_clear()
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
     try:
         speech = np.concatenate([c for _, c in clips[:8]])
@@ -256,7 +258,7 @@ def test_fixed_windows_without_vad_need_no_onnxruntime(monkeypatch, clips):
         with pytest.raises(VadUnavailable, match="onnxruntime"):
             plan_segments(speech, max_s=20.0)
     finally:
-        seg_mod._silero_session.cache_clear()
+        vad_mod._silero_session.cache_clear()
 
 
 def test_short_audio_is_one_segment_and_long_silence_is_tiled(clips):
@@ -286,12 +288,12 @@ def _random_vad(rng: np.random.Generator, n_frames: int) -> np.ndarray:
 def test_plans_tile_the_audio_whatever_the_vad_says(monkeypatch):
     """Random VAD outputs (in place of Silero's) and options: every plan keeps the contract."""
     rng = np.random.default_rng(7)
-    noise = _quiet(6000 * seg_mod.VAD_FRAME / SR)
+    noise = _quiet(6000 * vad_mod.VAD_FRAME / SR)
     for _ in range(120):
         n_frames = int(rng.integers(50, 6000))
         probs = _random_vad(rng, n_frames)
-        offset = int(rng.integers(0, 6000 - n_frames + 1)) * seg_mod.VAD_FRAME
-        samples = noise[offset : offset + n_frames * seg_mod.VAD_FRAME - int(rng.integers(0, seg_mod.VAD_FRAME))]
+        offset = int(rng.integers(0, 6000 - n_frames + 1)) * vad_mod.VAD_FRAME
+        samples = noise[offset : offset + n_frames * vad_mod.VAD_FRAME - int(rng.integers(0, vad_mod.VAD_FRAME))]
         monkeypatch.setattr(seg_mod, "speech_probabilities", lambda _, p=probs: p)
         max_s = float(rng.choice([2.0, 5.0, 8.0, 30.0]))
         min_s, overlap_s = float(rng.uniform(0, max_s)), float(rng.uniform(0.2, max_s / 2))
@@ -339,13 +341,13 @@ def test_long_silences_become_segments_of_their_own(clips):
 
 def _runs(*runs: tuple[float, float]) -> np.ndarray:
     """Speech probabilities from (seconds, probability) runs."""
-    return np.concatenate([np.full(round(sec * SR / seg_mod.VAD_FRAME), p, np.float32) for sec, p in runs])
+    return np.concatenate([np.full(round(sec * SR / vad_mod.VAD_FRAME), p, np.float32) for sec, p in runs])
 
 
 def test_short_pauses_are_cut_at_their_middle_not_made_segments(monkeypatch):
     opts = VadOptions(speech_pad_s=0.0)
     probs = _runs(*[(5.12, 0.9), (0.64, 0.1)] * 5, (5.12, 0.9))
-    samples = _quiet(len(probs) * seg_mod.VAD_FRAME / SR)
+    samples = _quiet(len(probs) * vad_mod.VAD_FRAME / SR)
     monkeypatch.setattr(seg_mod, "speech_probabilities", lambda _: probs)
     segments = plan_segments(samples, max_s=8.0, vad_options=opts)
     _check_tiling(samples, segments, max_s=8.0, opts=opts, probs=probs)
@@ -355,7 +357,7 @@ def test_short_pauses_are_cut_at_their_middle_not_made_segments(monkeypatch):
     # its own, the one way to keep both within max_s without cutting the speech (fixed windows),
     # whether the pause ends a region (min_silence_s=0.3) or is a short one inside it (0.5).
     probs = _runs((7.84, 0.9), (0.48, 0.1), (7.84, 0.9))
-    samples = _quiet(len(probs) * seg_mod.VAD_FRAME / SR)
+    samples = _quiet(len(probs) * vad_mod.VAD_FRAME / SR)
     for min_silence_s, first_cut in ((0.3, 7.84), (0.5, 8.0)):
         opts = VadOptions(speech_pad_s=0.0, min_silence_s=min_silence_s)
         segments = plan_segments(samples, max_s=8.0, vad_options=opts)

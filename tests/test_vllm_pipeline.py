@@ -78,7 +78,7 @@ def test_every_row_once_with_its_status(job):
     }
     assert "max_model_len" in out.loc["too-long", "error"]
     assert (out["engine"] == "vllm").all()
-    summary = result.summary
+    summary = result.summary.model_dump()
     assert summary["n_input"] == len(rows) == summary["n_ok"] + sum(summary["n_failed_by_reason"].values())
     assert summary["engine"] == "vllm"
 

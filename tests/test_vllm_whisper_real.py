@@ -23,7 +23,8 @@ import pytest
 import soundfile as sf
 
 from pipeline.config import ScoringConfig, VllmOptions, WhisperOptions
-from pipeline.engines.base import SAMPLE_RATE_HZ, EngineRequest, EngineResult
+from pipeline.engines.base import EngineRequest, EngineResult
+from pipeline.records import SAMPLE_RATE_HZ
 from pipeline.records import Status
 from pipeline.scoring import CorpusTally, score
 
@@ -80,7 +81,7 @@ def vllm_run(checkpoint, requests) -> tuple[list[EngineResult], float]:
 
 def _wer(references: list[str], hypotheses: list[str | None]) -> CorpusTally:
     """Corpus WER from summed counts (Whisper's English normaliser)."""
-    tally = CorpusTally("wer", "whisper_english")
+    tally = CorpusTally(metric="wer", normalizer="whisper_english")
     for reference, hypothesis in zip(references, hypotheses, strict=True):
         c = score(reference, hypothesis, "en", ScoringConfig())
         tally.add(c.ref_units, c.substitutions, c.deletions, c.insertions)

@@ -43,7 +43,7 @@ def faster_whisper_alone(rows) -> dict[str, tuple[int, int, int, int]]:
 
 
 def corpus_wer(counts) -> float:
-    tally = CorpusTally("wer", "whisper_english")
+    tally = CorpusTally(metric="wer", normalizer="whisper_english")
     for c in counts:
         tally.add(*c)
     return tally.rate

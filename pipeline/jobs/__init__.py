@@ -30,10 +30,9 @@ Every runner uses :func:`pipeline.plan.run_job`, so a rerun of the same job resu
 written are not done again) and ``overwrite`` starts over.
 
 Modules: :mod:`.spec` (the job file models, :func:`load_job`, ``${VAR}`` expansion, the config a
-job runs with), :mod:`.results` (exit codes and what every result shares), one module per kind
+job runs with), :mod:`.results` (what every result shares), one module per kind
 (:mod:`.nightly`, :mod:`.call_center`, :mod:`.labeling`), and here :func:`run_job_file`, which
-loads a job file and hands it to its kind's runner. Everything importable from ``pipeline.jobs``
-before the split still is.
+loads a job file and hands it to its kind's runner.
 """
 
 from __future__ import annotations
@@ -42,54 +41,12 @@ import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 
-from .call_center import (
-    ANALYTICS_DIR,
-    INPUTS_NAME,
-    MANIFEST_CHUNK_ROWS,
-    CallCenterResult,
-    analytics_schema,
-    call_analytics,
-    join_campaign_keywords,
-    keyword_hits,
-    read_campaigns,
-    run_call_center,
-    write_analytics,
-)
-from .labeling import EXPORTS_DIR, LabelingResult, run_dataset_labeling
-from .nightly import (
-    CANARY_DIR,
-    LAST_GOOD,
-    CanaryCheck,
-    NightlyResult,
-    canary_passes,
-    run_nightly,
-)
-from .results import EXIT_CANNOT_RUN, EXIT_GATE, EXIT_OK
-from .spec import (
-    EXPORT_FILES,
-    KINDS,
-    CallCenterJob,
-    CanarySpec,
-    DatasetLabelingJob,
-    ExportFormat,
-    JobError,
-    JobSpec,
-    LabelFilters,
-    NightlyArchiveJob,
-    job_config,
-    load_job,
-    resolve_path,
-)
+from .call_center import CallCenterResult, run_call_center
+from .labeling import LabelingResult, run_dataset_labeling
+from .nightly import NightlyResult, run_nightly
+from .spec import CallCenterJob, JobError, NightlyArchiveJob, load_job
 
-__all__ = [
-    "ANALYTICS_DIR", "CANARY_DIR", "EXIT_CANNOT_RUN", "EXIT_GATE", "EXIT_OK", "EXPORTS_DIR", "EXPORT_FILES",
-    "INPUTS_NAME", "KINDS", "LAST_GOOD", "MANIFEST_CHUNK_ROWS",
-    "CallCenterJob", "CallCenterResult", "CanaryCheck", "CanarySpec", "DatasetLabelingJob", "Echo", "ExportFormat",
-    "JobError", "JobOutcome", "JobSpec", "LabelFilters", "LabelingResult", "NightlyArchiveJob", "NightlyResult",
-    "analytics_schema", "call_analytics", "canary_passes", "job_config", "join_campaign_keywords", "keyword_hits",
-    "load_job", "read_campaigns", "resolve_path", "run_call_center", "run_dataset_labeling", "run_job_file",
-    "run_nightly", "write_analytics",
-]
+__all__ = ["JobOutcome", "run_job_file"]
 
 Echo = Callable[[str], None]
 

@@ -6,27 +6,25 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import re
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..config import JobConfig
-from ..storage import has_scheme, join_uri, parent_uri, url_to_fs
-from .results import JobResult, _job_lines
+from ..output import INPUTS_NAME
+from ..records import carried_name, column
+from ..storage import atomic_open, join_uri, url_to_fs, write_atomic
+from ..summary import JobSummary
+from .results import JobResult
 from .spec import CallCenterJob, JobError, _remove, job_config
 
 log = logging.getLogger("quarry")
 
-INPUTS_NAME = "inputs.jsonl"
 ANALYTICS_DIR = "analytics"
-MANIFEST_CHUNK_ROWS = 4096
 _KEYWORD_SEP = re.compile(r"[;,]")
 
 
@@ -34,7 +32,7 @@ _KEYWORD_SEP = re.compile(r"[;,]")
 class CallCenterResult(JobResult):
     kind: ClassVar[str] = "call-center"
     output: str
-    summary: dict[str, Any]
+    summary: JobSummary
     analytics: str
     n_calls: int
     channels: dict[str, dict[str, float]]  # channel -> {"talk_s": total, "wpm": mean}
@@ -42,7 +40,7 @@ class CallCenterResult(JobResult):
     unknown_campaigns: dict[str, int]  # campaign values with no keyword list -> calls
 
     def _lines(self) -> list[str]:
-        lines = [f"call-center -> {self.output}", *_job_lines(self.summary),
+        lines = [f"call-center -> {self.output}", *self.summary_lines(),
                  f"  analytics: {self.n_calls} calls -> {self.analytics}"]
         for channel, figures in self.channels.items():
             wpm = f"{figures['wpm']:.0f}" if figures["wpm"] is not None else "-"
@@ -93,93 +91,44 @@ def read_campaigns(uri: str, storage_options: dict[str, Any] | None = None) -> d
     return campaigns
 
 
-def _iter_manifest(uri: str, fmt: str, storage_options: dict[str, Any]) -> Iterator[list[dict[str, Any] | str]]:
-    """The manifest in chunks of rows, never whole: Parquet row batches and CSV blocks through
-    pyarrow's streaming readers (CSV as text, as the pipeline reads it), JSONL line by line (a line
-    that is not a JSON object comes back as its raw text, for the pipeline to mark invalid_row)."""
-    from ..manifest import ManifestError
-
-    fs, path = url_to_fs(uri, storage_options)
-    if not fs.exists(path):
-        raise ManifestError(f"manifest not found: {uri}")
-    if fmt == "parquet":
-        with fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=MANIFEST_CHUNK_ROWS):
-                yield batch.to_pylist()
-    elif fmt == "csv":
-        with fs.open(path, "rb", compression="infer") as f:
-            names = pacsv.open_csv(f).schema.names
-        with fs.open(path, "rb", compression="infer") as f:
-            reader = pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in names}, strings_can_be_null=True, null_values=[""]))
-            for batch in reader:
-                yield batch.to_pylist()
-    else:
-        chunk: list[dict[str, Any] | str] = []
-        with fs.open(path, "rt", compression="infer", encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except ValueError:
-                    value = None
-                chunk.append(value if isinstance(value, dict) else line.rstrip("\n"))
-                if len(chunk) >= MANIFEST_CHUNK_ROWS:
-                    yield chunk
-                    chunk = []
-        if chunk:
-            yield chunk
-
-
 def join_campaign_keywords(manifest_uri: str, output_uri: str, campaigns: dict[str, list[str]], campaign_column: str,
                            cfg: JobConfig) -> tuple[str, int, Counter]:
     """Stream the manifest into ``<output>/inputs.jsonl`` with each row's campaign keywords added to
     its ``keywords`` column (after any keywords of its own) and its audio path made absolute.
     Returns (the written manifest's URI, rows, calls per campaign that has no keyword list)."""
-    from ..manifest import detect_format, parse_keywords, resolve_audio_uri
+    from ..manifest import Manifest, parse_keywords, resolve_audio_uri
 
-    fmt = detect_format(manifest_uri, cfg.input.format)
+    manifest = Manifest.open(manifest_uri, cfg)
     columns = cfg.input.columns
-    opts = cfg.storage.options
-    manifest_dir = parent_uri(manifest_uri if has_scheme(manifest_uri) else os.path.abspath(manifest_uri))
     by_folded = {name.casefold(): words for name, words in campaigns.items()}
-    fs, out = url_to_fs(output_uri, opts)
-    fs.makedirs(out, exist_ok=True)
-    final, temp = f"{out.rstrip('/')}/{INPUTS_NAME}", f"{out.rstrip('/')}/_tmp-{INPUTS_NAME}"
+    fs, out = url_to_fs(output_uri, cfg.storage.options)
     n_rows, unknown, saw_column = 0, Counter(), False
-    try:
-        with fs.open(temp, "w", encoding="utf-8") as f:
-            for chunk in _iter_manifest(manifest_uri, fmt, opts):
-                lines = []
-                for row in chunk:
-                    n_rows += 1
-                    if isinstance(row, str):  # not a JSON object: passed on, the job marks it invalid_row
-                        lines.append(row)
-                        continue
-                    saw_column = saw_column or campaign_column in row
-                    campaign = row.get(campaign_column)
-                    campaign = str(campaign).strip() if campaign is not None else ""
-                    keywords = by_folded.get(campaign.casefold())
-                    if keywords is None:
-                        unknown[campaign or "(none)"] += 1
-                    row = dict(row)
-                    audio = row.get(columns.audio)
-                    if isinstance(audio, str) and audio.strip():
-                        row[columns.audio] = resolve_audio_uri(audio.strip(), manifest_dir)
-                    own = parse_keywords(row.get(columns.keywords))
-                    row[columns.keywords] = own + [k for k in keywords or [] if k.casefold() not in
-                                                   {o.casefold() for o in own}]
-                    lines.append(json.dumps(row, ensure_ascii=False, default=str))
-                if lines:
-                    f.write("\n".join(lines) + "\n")
+    with atomic_open(fs, f"{out.rstrip('/')}/{INPUTS_NAME}", "w", encoding="utf-8") as f:
+        for batch in manifest.batches():
+            lines = []
+            for raw in manifest.raw_rows(batch):
+                n_rows += 1
+                if raw.problem:  # not a JSON object: passed on as written, the job marks it invalid_row
+                    lines.append(raw.origin)
+                    continue
+                row = dict(raw.values)
+                saw_column = saw_column or campaign_column in row
+                campaign = row.get(campaign_column)
+                campaign = str(campaign).strip() if campaign is not None else ""
+                keywords = by_folded.get(campaign.casefold())
+                if keywords is None:
+                    unknown[campaign or "(none)"] += 1
+                audio = row.get(columns.audio)
+                if isinstance(audio, str) and audio.strip():
+                    row[columns.audio] = resolve_audio_uri(audio.strip(), manifest.directory)
+                own = parse_keywords(row.get(columns.keywords))
+                row[columns.keywords] = own + [k for k in keywords or [] if k.casefold() not in
+                                               {o.casefold() for o in own}]
+                lines.append(json.dumps(row, ensure_ascii=False, default=str))
+            if lines:
+                f.write("\n".join(lines) + "\n")
         if n_rows and not saw_column:
             raise JobError(f"manifest {manifest_uri} has no {campaign_column!r} column (campaign_column)")
-        fs.mv(temp, final)
-    except BaseException:
-        if fs.exists(temp):
-            fs.rm(temp)
-        raise
     return join_uri(output_uri, INPUTS_NAME), n_rows, unknown
 
 
@@ -198,11 +147,9 @@ def keyword_hits(text: str, keywords: list[str]) -> list[dict[str, Any]]:
 
 def analytics_schema(channel_names: list[str]) -> pa.Schema:
     fields = [
-        pa.field("id", pa.string()),
-        pa.field("audio", pa.string()),
-        pa.field("status", pa.string()),
+        *(column(n) for n in ("id", "audio", "status")),
         pa.field("campaign", pa.string()),
-        pa.field("duration_s", pa.float64()),
+        column("duration_s"),
         pa.field("channels", pa.list_(pa.struct([
             ("channel", pa.string()), ("talk_s", pa.float64()), ("words", pa.int64()), ("wpm", pa.float64()),
         ]))),
@@ -211,7 +158,7 @@ def analytics_schema(channel_names: list[str]) -> pa.Schema:
         fields += [pa.field(f"talk_s_{name}", pa.float64()), pa.field(f"words_{name}", pa.int64()),
                    pa.field(f"wpm_{name}", pa.float64())]
     fields += [
-        pa.field("overlap_s", pa.float64()),  # both (all) channels speaking at once
+        column("overlap_s"),  # both (all) channels speaking at once
         pa.field("speech_s", pa.float64()),  # anyone speaking: sum of talk time minus overlap
         pa.field("silence_s", pa.float64()),
         pa.field("silence_share", pa.float64()),  # silence_s / duration_s
@@ -261,8 +208,6 @@ def write_analytics(output_uri: str, campaigns: dict[str, list[str]], campaign_c
     """``<output>/analytics/part-*.parquet``: one analytics part per transcripts part (same name),
     read and written one part at a time. Returns the folder's URI and small per-call figures for
     the summary (no texts)."""
-    from ..manifest import carried_name
-
     opts = cfg.storage.options
     fs, root = url_to_fs(output_uri, opts)
     root = root.rstrip("/")
@@ -289,9 +234,7 @@ def write_analytics(output_uri: str, campaigns: dict[str, list[str]], campaign_c
         name = part.rsplit("/", 1)[-1]
         buffer = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer, compression="zstd")
-        with fs.open(f"{folder}/_tmp-{name}", "wb") as f:
-            f.write(buffer.getvalue().to_pybytes())
-        fs.mv(f"{folder}/_tmp-{name}", f"{folder}/{name}")
+        write_atomic(f"{folder}/{name}", buffer.getvalue().to_pybytes(), fs=fs)
         figures += [{"channels": r.get("channels") or [], "hits": r.get("keyword_hits") or []} for r in rows]
     return join_uri(output_uri, ANALYTICS_DIR), figures
 

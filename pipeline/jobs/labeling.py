@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..storage import join_uri
-from .results import JobResult, _job_lines
+from ..summary import JobSummary
+from .results import JobResult
 from .spec import EXPORT_FILES, DatasetLabelingJob, _remove, job_config
 
 EXPORTS_DIR = "exports"
@@ -18,15 +19,15 @@ EXPORTS_DIR = "exports"
 class LabelingResult(JobResult):
     kind: ClassVar[str] = "dataset-labeling"
     output: str
-    summary: dict[str, Any]
+    summary: JobSummary
     exports: dict[str, Any]  # format -> pipeline.exports.ExportResult
     filters: dict[str, Any]
     subtitles: list[str]
 
     def _lines(self) -> list[str]:
         active = {k: v for k, v in self.filters.items() if v is not None}
-        lines = [f"dataset-labeling -> {self.output}", *_job_lines(self.summary),
-                 f"  exports of {self.summary['n_ok']} ok rows, filters {json.dumps(active) if active else 'none'}:"]
+        lines = [f"dataset-labeling -> {self.output}", *self.summary_lines(),
+                 f"  exports of {self.summary.n_ok} ok rows, filters {json.dumps(active) if active else 'none'}:"]
         for fmt, result in self.exports.items():
             lines.append(f"    {fmt}: {result.count} rows -> {result.path}")
         if self.subtitles:

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..config import JobConfig
-from ..storage import join_uri, url_to_fs
-from .results import JobResult, _job_lines
+from ..storage import join_uri, url_to_fs, write_atomic
+from ..summary import JobSummary
+from .results import JobResult
 from .spec import JobError, NightlyArchiveJob, _remove, job_config
 
 log = logging.getLogger("quarry")
@@ -71,30 +72,19 @@ class NightlyResult(JobResult):
     n_found: int
     n_done_before: int
     n_todo: int
-    summary: dict[str, Any]
+    summary: JobSummary
     canary: CanaryCheck | None
 
     @property
     def ok(self) -> bool:
-        return self.summary["status"] == "completed" and (self.canary is None or self.canary.passed)
+        return self.summary.ok and (self.canary is None or self.canary.passed)
 
     def _lines(self) -> list[str]:
         lines = [f"nightly-archive {self.run_date} -> {self.output}",
                  f"  found {self.n_found} audio objects: {self.n_done_before} done by earlier runs, {self.n_todo} new",
-                 *_job_lines(self.summary)]
+                 *self.summary_lines()]
         lines.append(self.canary.line() if self.canary else "canary: none configured")
         return lines
-
-
-def _write_json(uri: str, value: dict[str, Any], storage_options: dict[str, Any]) -> None:
-    """Written under a temporary name and moved into place: a reader sees the old or the new file."""
-    fs, path = url_to_fs(uri, storage_options)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    temp = f"{parent}/_tmp-{path.rsplit('/', 1)[-1]}"
-    with fs.open(temp, "w") as f:
-        json.dump(value, f, indent=2)
-    fs.mv(temp, path)
 
 
 def _read_json(uri: str, storage_options: dict[str, Any]) -> dict[str, Any] | None:
@@ -141,27 +131,26 @@ def _canary_gate(job: NightlyArchiveJob, cfg: JobConfig, run_date: str, *, recor
     root = join_uri(job.output_root, CANARY_DIR)
     output = join_uri(root, f"run_date={run_date}")
     summary = run_job(cfg, job.canary.manifest, output, overwrite=True).summary
-    overall = summary["scores"]["overall"]
+    overall = summary.scores.overall
     metric = "wer" if "wer" in overall else next(iter(overall), None)
-    if metric is None or overall[metric]["rate"] is None:
-        raise JobError(f"canary {job.canary.manifest}: no row was scored ({summary['n_ok']} of "
-                       f"{summary['n_input']} rows ok); the canary needs rows with references")
+    if metric is None or overall[metric].rate is None:
+        raise JobError(f"canary {job.canary.manifest}: no row was scored ({summary.n_ok} of "
+                       f"{summary.n_input} rows ok); the canary needs rows with references")
     t = overall[metric]
-    rate = t["rate"]
+    rate = t.rate
     last_good = _read_json(join_uri(root, LAST_GOOD), opts)
     if last_good is not None and last_good.get("metric", "wer") != metric:
         last_good = None  # a canary scored in another unit: nothing to compare with
     margin = job.canary.max_wer_regression
-    passed = canary_passes(rate, summary["n_failed"], last_good, margin)
+    passed = canary_passes(rate, summary.n_failed, last_good, margin)
     recorded = passed and record
     if recorded:
-        _write_json(join_uri(root, LAST_GOOD), {
-            "run_date": run_date, "metric": metric, "rate": rate, "ref_units": t["ref_units"],
-            "errors": t["substitutions"] + t["deletions"] + t["insertions"], "n_scored": t["n_scored"],
-            "engine": summary["engine"], "model": summary["model"], "canary_manifest": job.canary.manifest,
+        write_atomic(join_uri(root, LAST_GOOD), json.dumps({
+            "run_date": run_date, "metric": metric, "rate": rate, "ref_units": t.ref_units,
+            "errors": t.errors, "n_scored": t.n_scored,
+            "engine": summary.engine, "model": summary.model, "canary_manifest": job.canary.manifest,
             "canary_output": output, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }, opts)
-    return CanaryCheck(output=output, metric=metric, rate=rate, ref_units=t["ref_units"],
-                       errors=t["substitutions"] + t["deletions"] + t["insertions"], n_rows=summary["n_input"],
-                       n_failed=summary["n_failed"], engine=summary["engine"], model=summary["model"],
-                       last_good=last_good, margin=margin, passed=passed, recorded=recorded)
+        }, indent=2).encode(), opts)
+    return CanaryCheck(output=output, metric=metric, rate=rate, ref_units=t.ref_units, errors=t.errors,
+                       n_rows=summary.n_input, n_failed=summary.n_failed, engine=summary.engine,
+                       model=summary.model, last_good=last_good, margin=margin, passed=passed, recorded=recorded)

@@ -9,14 +9,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from ..config import JobConfig, load_config
+from ..config import JobConfig, load_config, read_yaml_mapping
+from ..errors import CannotRun
 from ..storage import has_scheme, url_to_fs
 
 
-class JobError(ValueError):
+class JobError(CannotRun, ValueError):
     """The job cannot run: a bad job file, a missing input column, an unusable canary, ..."""
 
 
@@ -129,14 +129,7 @@ def _resolve(model: _JobModel, base_dir: Path) -> _JobModel:
 def load_job(path: str | Path) -> NightlyArchiveJob | CallCenterJob | DatasetLabelingJob:
     """Read and validate a job file; paths come back resolved against its folder."""
     source = Path(path)
-    try:
-        data = yaml.safe_load(source.read_text())
-    except FileNotFoundError as e:
-        raise JobError(f"job file not found: {source}") from e
-    except yaml.YAMLError as e:
-        raise JobError(f"job file {source} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise JobError(f"job file {source} must hold a mapping at the top level")
+    data = read_yaml_mapping(source, JobError, "job file")
     if data.get("kind") not in KINDS:
         raise JobError(f"job file {source}: 'kind' must be one of {', '.join(KINDS)} (got {data.get('kind')!r})")
     data = _expand_env(data, source)

@@ -1,105 +1,36 @@
-"""``<output>/report.html``: one job's results on one page, for people.
+"""The report's data side: one streamed pass over the transcripts (:class:`ReportTally`).
 
-One streamed pass over ``<output>/transcripts/*.parquet`` (only the columns the page needs, one
-record batch at a time, never audio) builds running tallies; ``summary.json`` adds the job's wall
-time and configuration. The page is self-contained: inline CSS and inline SVG plots (matplotlib),
-no scripts and no external resources, so it opens offline and can be attached to a ticket.
-Transcripts are untrusted text: everything from the data is escaped, and the page's
-Content-Security-Policy forbids scripts besides.
-
-Error rates are corpus rates from summed counts, (S + D + I) / N, never a mean of row rates.
-
-This module holds the data side: reading the transcripts and the streamed pass (:class:`ReportTally`),
-plus the word alignment of one row; :mod:`pipeline.report_html` turns a tally into the page.
+Only the columns the page needs are read, one record batch at a time, never audio; the tally
+holds running totals and the ``worst`` highest-error rows, never the job. Error rates are corpus
+rates from summed counts, (S + D + I) / N, never a mean of row rates.
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
-from .records import Status
-from .scoring import CorpusTally, get_normalizer
-from .storage import join_uri, url_to_fs
-
-__all__ = ["ReportError", "open_transcripts", "write_report", "TIME_COLUMN"]
+from ..errors import CannotRun
+from ..records import OK
+from ..scoring import CorpusTally
 
 TIME_COLUMN = "finished_at"  # per-row completion time; throughput over time needs it
 _COUNT_COLUMNS = ("ref_words", "substitutions", "deletions", "insertions")
-_COLUMNS = ("id", "status", "error", "text", "reference", "language", "duration_s", "inference_s",
-            "metric", "normalizer", "wer", *_COUNT_COLUMNS)
-_DURATION_RES = 2  # duration histogram kept at 1/2 s resolution while streaming
+COLUMNS = ("id", "status", "error", "text", "reference", "language", "duration_s", "inference_s",
+           "metric", "normalizer", "wer", *_COUNT_COLUMNS)  # what the page reads of each row
+DURATION_RES = 2  # duration histogram kept at 1/2 s resolution while streaming
 _DURATION_CAP_S = 86_400  # longer rows land in the last bin
-_MAX_GROUPS = 10_000  # distinct values tallied per grouping column; the rest count as "(other)"
+MAX_GROUPS = 10_000  # distinct values tallied per grouping column; the rest count as "(other)"
 _MAX_MESSAGES = 200  # distinct error messages kept per reason; the rest count as "(other messages)"
 
 
-class ReportError(RuntimeError):
+class ReportError(CannotRun, RuntimeError):
     """The output cannot be reported on (no transcripts, unknown or unusable grouping column)."""
-
-
-def open_transcripts(output_uri: str, storage_options: dict[str, Any] | None = None) -> ds.Dataset:
-    """The Parquet parts of a Quarry output as a lazy pyarrow dataset (nothing read yet).
-
-    Parts still being written (``_tmp-*``) are ignored: pyarrow skips names starting with ``_``.
-    """
-    fs, root = url_to_fs(output_uri, storage_options)
-    path = root.rstrip("/") + "/transcripts"
-    if not fs.isdir(path):
-        raise ReportError(f"no transcripts at {join_uri(output_uri, 'transcripts')}: is {output_uri} a Quarry output?")
-    return ds.dataset(path, filesystem=fs, format="parquet")
-
-
-def write_report(output_uri: str, storage_options: dict[str, Any] | None = None, *,
-                 group_by: Sequence[str] = (), worst: int = 20) -> str:
-    """Write ``<output>/report.html`` and return its URI.
-
-    ``group_by`` names columns of the transcripts (a carried-through manifest column such as
-    ``dataset``, or ``model``, ``task``...) to break WER down by; ``worst`` is how many of the
-    highest-error rows to show aligned word by word.
-    """
-    # Imported here, not at the top: report_html imports this module.
-    from .report_html import render
-
-    if worst < 0:
-        raise ReportError(f"worst must be >= 0, not {worst}")
-    dataset = open_transcripts(output_uri, storage_options)
-    names = set(dataset.schema.names)
-    missing = [c for c in _COLUMNS if c not in names]
-    if missing:
-        raise ReportError(f"transcripts at {output_uri} lack columns {missing}: not a Quarry output")
-    unknown = [c for c in group_by if c not in names]
-    if unknown:
-        raise ReportError(f"no column {unknown} to group by; columns are: {', '.join(dataset.schema.names)}")
-    has_time = TIME_COLUMN in names and pa.types.is_timestamp(dataset.schema.field(TIME_COLUMN).type)
-    columns = list(dict.fromkeys([*_COLUMNS, *group_by, *([TIME_COLUMN] if has_time else [])]))
-
-    tally = ReportTally(group_by=tuple(group_by), worst=worst, has_time=has_time)
-    for batch in dataset.to_batches(columns=columns, batch_size=8192):
-        tally.add(batch)
-
-    fs, root = url_to_fs(output_uri, storage_options)
-    summary = _read_summary(fs, root.rstrip("/") + "/summary.json")
-    page = render(tally, summary, output_uri)
-    with fs.open(root.rstrip("/") + "/report.html", "wb") as f:
-        f.write(page.encode("utf-8"))
-    return join_uri(output_uri, "report.html")
-
-
-def _read_summary(fs, path: str) -> dict[str, Any] | None:
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r", encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +72,7 @@ class ReportTally:
         table = pa.Table.from_batches([batch])
         self.n_rows += table.num_rows
         status = table["status"]
-        ok = pc.equal(status, Status.OK.value)
+        ok = pc.equal(status, OK)
         self.by_status.update(dict(zip(*_value_counts(status), strict=True)))
         self._add_messages(table.filter(pc.invert(ok)))
         durations = table["duration_s"]
@@ -171,7 +102,7 @@ class ReportTally:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                 raise ReportError(f"cannot group by {column!r}: its type {values.type} has no text form") from e
         tallies = self.group_scores.setdefault(column, {})
-        self.group_overflow[column] += _add_scores(tallies, pc.fill_null(values, "(none)"), scored, limit=_MAX_GROUPS)
+        self.group_overflow[column] += _add_scores(tallies, pc.fill_null(values, "(none)"), scored, limit=MAX_GROUPS)
 
     def _add_times(self, ok: pa.Table) -> None:
         times = ok[TIME_COLUMN]
@@ -220,7 +151,7 @@ def _add_bins(bins: np.ndarray, durations) -> np.ndarray:
     values = np.asarray(pc.drop_null(durations).to_numpy(zero_copy_only=False), dtype=np.float64)
     if values.size == 0:
         return bins
-    index = np.floor(np.clip(values, 0, _DURATION_CAP_S) * _DURATION_RES).astype(np.int64)
+    index = np.floor(np.clip(values, 0, _DURATION_CAP_S) * DURATION_RES).astype(np.int64)
     counts = np.bincount(index)
     if counts.size > bins.size:
         bins = np.pad(bins, (0, counts.size - bins.size))
@@ -247,53 +178,9 @@ def _add_scores(tallies: dict[tuple[str, str], CorpusTally], keys, scored: pa.Ta
         if limit is not None and key not in tallies and len(tallies) >= limit:  # (value, metric) pairs
             key = ("(other)", row["metric"])
             overflow += row["metric_count"]
-        tally = tallies.setdefault(key, CorpusTally(row["metric"], row["normalizer"]))
+        tally = tallies.setdefault(key, CorpusTally(metric=row["metric"], normalizer=row["normalizer"]))
         if row["normalizer"] not in tally.normalizer.split("+"):
             tally.normalizer += "+" + row["normalizer"]
-        tally.n_scored += row["metric_count"]
-        tally.ref_units += row["ref_words_sum"] or 0
-        tally.substitutions += row["substitutions_sum"] or 0
-        tally.deletions += row["deletions_sum"] or 0
-        tally.insertions += row["insertions_sum"] or 0
+        tally.add(row["ref_words_sum"] or 0, row["substitutions_sum"] or 0, row["deletions_sum"] or 0,
+                  row["insertions_sum"] or 0, n_scored=row["metric_count"])
     return overflow
-
-
-def _merge(into: CorpusTally, other: CorpusTally) -> None:
-    into.n_scored += other.n_scored
-    into.ref_units += other.ref_units
-    into.substitutions += other.substitutions
-    into.deletions += other.deletions
-    into.insertions += other.insertions
-
-
-# ----------------------------------------------------------------------------------------------
-# Word alignment of one row, as jiwer aligned it
-
-
-def align(reference: str, hypothesis: str | None, metric: str, normalizer: str) -> list[tuple[str, str | None, str | None]]:
-    """``(op, ref_token, hyp_token)`` triples, op in ``equal|substitute|delete|insert``.
-
-    Both texts go through the row's own normaliser first, the one its stored counts came from, so
-    the coloured tokens add up to the row's S, D and I.
-    """
-    import jiwer
-
-    normalize = get_normalizer(normalizer)
-    ref = " ".join(normalize(reference).split())
-    hyp = " ".join(normalize(hypothesis or "").split())
-    if metric == "cer":
-        out = jiwer.process_characters(ref.replace(" ", ""), hyp.replace(" ", ""))
-    else:
-        out = jiwer.process_words(ref, hyp)
-    ref_tokens, hyp_tokens = out.references[0], out.hypotheses[0]
-    triples: list[tuple[str, str | None, str | None]] = []
-    for chunk in out.alignments[0]:
-        refs = ref_tokens[chunk.ref_start_idx:chunk.ref_end_idx]
-        hyps = hyp_tokens[chunk.hyp_start_idx:chunk.hyp_end_idx]
-        if chunk.type == "delete":
-            triples += [("delete", r, None) for r in refs]
-        elif chunk.type == "insert":
-            triples += [("insert", None, h) for h in hyps]
-        else:  # equal / substitute: same length on both sides
-            triples += [(chunk.type, r, h) for r, h in zip(refs, hyps, strict=True)]
-    return triples

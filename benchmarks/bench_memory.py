@@ -1,4 +1,5 @@
-"""``quarry bench-memory``: peak memory of real jobs, side by side in one run.
+"""Peak memory of real jobs, side by side in one run (``make bench-memory``, or
+``python -m benchmarks.bench_memory --help``): a developer's benchmark, not part of the product.
 
 Two comparisons, each a real ``quarry run`` in a child process whose whole process tree (the
 driver, the local Ray it starts, every worker and actor) is sampled for resident memory:
@@ -15,6 +16,7 @@ tree total is an upper bound.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -29,7 +31,11 @@ import psutil
 import soundfile as sf
 import soxr
 
-RATE = 16_000
+from pipeline.records import SAMPLE_RATE_HZ as RATE
+from pipeline.summary import JobSummary
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CLIPS = REPO / "data" / "demo"  # a folder with manifest.jsonl and the clips it names
 
 
 @dataclass(frozen=True)
@@ -74,14 +80,14 @@ def measure(label: str, manifest: Path, out: Path, overrides: list[str]) -> Memo
     log = child.stdout.read() if child.stdout else ""
     if child.returncode != 0:
         raise RuntimeError(f"{label}: quarry run failed ({child.returncode}):\n{log[-2000:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    return MemoryRun(label, summary["n_input"], summary["audio_s"], time.perf_counter() - started,
-                     peak_tree, peak_driver, summary["n_ok"])
+    summary = JobSummary.read(str(out))
+    return MemoryRun(label, summary.n_input, summary.audio_s, time.perf_counter() - started,
+                     peak_tree, peak_driver, summary.n_ok)
 
 
 def _clips(eval_dir: Path, limit: int) -> list[dict]:
     rows = [json.loads(line) for line in (eval_dir / "manifest.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["duration_s"] < 30][:limit]
+    return [r for r in rows if sf.info(eval_dir / r["audio"]).duration < 30][:limit]
 
 
 def run(eval_dir: Path, rows: int, hours: float, overrides: list[str]) -> list[MemoryRun]:
@@ -117,3 +123,23 @@ def run(eval_dir: Path, rows: int, hours: float, overrides: list[str]) -> list[M
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Peak memory of real jobs: N vs 10 x N rows (streaming), and one "
+                                     "long recording. Each job runs as `quarry run` in a child process; its whole "
+                                     "process tree is sampled for resident memory every 0.2 s.")
+    parser.add_argument("--clips", type=Path, default=DEFAULT_CLIPS,
+                        help="a folder with manifest.jsonl and the clips it names (default: data/demo)")
+    parser.add_argument("--rows", type=int, default=200, help="rows of the small manifest (the large one has 10x)")
+    parser.add_argument("--hours", type=float, default=1.0, help="length of the long recording (0 to skip)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides for the measured jobs (default engine: fake)")
+    args = parser.parse_args(argv)
+    print(HEADER)
+    for result in run(args.clips, args.rows, args.hours, ["engine.name=fake", *args.overrides]):
+        print(result.line(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

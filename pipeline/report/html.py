@@ -1,4 +1,4 @@
-"""The HTML of ``<output>/report.html``: a :class:`pipeline.report.ReportTally` and ``summary.json``
+"""The HTML of ``<output>/report.html``: a :class:`.tally.ReportTally` and ``summary.json``
 rendered as one self-contained page, with inline CSS and inline SVG plots (matplotlib).
 
 Transcripts are untrusted text: everything from the data goes through :func:`_e` (HTML-escaped), and
@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .records import Status
-from .report import _DURATION_RES, _MAX_GROUPS, TIME_COLUMN, ReportTally, _merge, align
-from .scoring import CorpusTally
+from ..records import OK
+from ..scoring import CorpusTally, align
+from ..summary import JobSummary
+from .tally import DURATION_RES, MAX_GROUPS, TIME_COLUMN, ReportTally
 
 _SHOWN_GROUPS = 30
 
@@ -79,10 +80,10 @@ def _duration_plot(ok: np.ndarray, failed: np.ndarray) -> str | None:
     if size == 0:
         return None
     ok, failed = np.pad(ok, (0, size - ok.size)), np.pad(failed, (0, size - failed.size))
-    max_s = size / _DURATION_RES
+    max_s = size / DURATION_RES
     width = next((w for w in (0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)
                   if max_s / w <= 30), 7200)
-    factor = int(width * _DURATION_RES)
+    factor = int(width * DURATION_RES)
     n_bins = math.ceil(size / factor)
     pad = n_bins * factor - size
     ok_bins = np.pad(ok, (0, pad)).reshape(n_bins, factor).sum(axis=1)
@@ -207,7 +208,7 @@ def _score_section(section_id: str, column: str, tallies: dict[tuple[str, str], 
     if len(order) > len(shown):
         parts.append(f'<p class="muted">Showing the {len(shown)} largest of {len(order)} groups by reference units.</p>')
     if overflow:
-        parts.append(f'<p class="muted">{overflow} scored rows fell beyond {_MAX_GROUPS} distinct values and are '
+        parts.append(f'<p class="muted">{overflow} scored rows fell beyond {MAX_GROUPS} distinct values and are '
                      'tallied as (other).</p>')
     rated = [k for k in shown if tallies[k].rate is not None]
     if rated:
@@ -218,10 +219,10 @@ def _score_section(section_id: str, column: str, tallies: dict[tuple[str, str], 
     return "".join(parts)
 
 
-def _headline(tally: ReportTally, summary: dict | None) -> str:
-    n_ok = tally.by_status.get(Status.OK.value, 0)
+def _headline(tally: ReportTally, summary: JobSummary | None) -> str:
+    n_ok = tally.by_status.get(OK, 0)
     n_failed = tally.n_rows - n_ok
-    rtfx_job = summary.get("rtfx_job") if summary else None
+    rtfx_job = summary.rtfx_job if summary else None
     rtfx_engine = tally.audio_s_ok / tally.inference_s if tally.inference_s else None
     overall = _overall(tally.scores)
     figures = [
@@ -238,8 +239,8 @@ def _headline(tally: ReportTally, summary: dict | None) -> str:
     if summary is None:
         parts.append('<p class="note">No summary.json beside the transcripts (job still running, or it '
                      'stopped early): job RTFx and the configuration are unknown.</p>')
-    elif summary.get("n_input") != tally.n_rows:
-        parts.append(f'<p class="warn">summary.json counts {_e(summary.get("n_input"))} rows but the transcripts '
+    elif summary.n_input != tally.n_rows:
+        parts.append(f'<p class="warn">summary.json counts {_e(summary.n_input)} rows but the transcripts '
                      f'hold {tally.n_rows}: a partial copy, or files from another run?</p>')
     parts.append("<h3>Corpus error rate by language</h3>")
     parts.append('<p class="muted">From summed counts, (S + D + I) / N over every scored row of the language; '
@@ -252,12 +253,12 @@ def _headline(tally: ReportTally, summary: dict | None) -> str:
 def _overall(scores: dict[tuple[str, str], CorpusTally]) -> dict[str, CorpusTally]:
     overall: dict[str, CorpusTally] = {}
     for (_, metric), t in scores.items():
-        _merge(overall.setdefault(metric, CorpusTally(metric, "per-language")), t)
+        overall.setdefault(metric, CorpusTally(metric=metric, normalizer="per-language")).merge(t)
     return overall
 
 
 def _status_section(tally: ReportTally) -> str:
-    order = sorted(tally.by_status, key=lambda s: (s != Status.OK.value, -tally.by_status[s], s))
+    order = sorted(tally.by_status, key=lambda s: (s != OK, -tally.by_status[s], s))
     rows = []
     for status in order:
         messages = tally.messages.get(status, Counter()).most_common(3)
@@ -265,20 +266,20 @@ def _status_section(tally: ReportTally) -> str:
         rows.append([status, tally.by_status[status], _pct(tally.by_status[status] / tally.n_rows), example])
     parts = [_table("status-table", ["status", "rows", "share", "most frequent messages"], rows, numeric=(1, 2))]
     if order:
-        colours = [_OK_COLOUR if s == Status.OK.value else _FAIL_COLOUR for s in order]
+        colours = [_OK_COLOUR if s == OK else _FAIL_COLOUR for s in order]
         parts.append(_bar_plot("plot-status", "Rows by status", order, [tally.by_status[s] for s in order], "rows",
                                colours=colours, annotate=[f"{tally.by_status[s]:,}" for s in order]))
     return "".join(parts)
 
 
-def _throughput_section(tally: ReportTally, summary: dict | None) -> str:
+def _throughput_section(tally: ReportTally, summary: JobSummary | None) -> str:
     if not tally.has_time:
         return (f'<p class="note" id="throughput-missing">Throughput over time needs a per-row completion time, a '
                 f'<code>{TIME_COLUMN}</code> timestamp column (UTC) on the transcripts; these transcripts have none.</p>')
     started = None
-    if summary and summary.get("started_at"):
+    if summary and summary.started_at:
         try:
-            started = int(calendar.timegm(time.strptime(summary["started_at"], "%Y-%m-%dT%H:%M:%SZ")))
+            started = int(calendar.timegm(time.strptime(summary.started_at, "%Y-%m-%dT%H:%M:%SZ")))
         except ValueError:
             started = None
     svg = _throughput_plot(tally.finished, started)
@@ -330,9 +331,10 @@ def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
         yield prefix, value
 
 
-def _config_section(summary: dict | None) -> str:
+def _config_section(summary: JobSummary | None) -> str:
     if summary is None:
         return '<p class="muted">No summary.json.</p>'
+    summary = summary.model_dump(mode="json")
     job_keys = ["status", "stopped_early", "started_at", "engine", "model", "n_input", "n_ok", "n_failed",
                 "n_failed_by_reason", "failed_fraction", "max_failed_fraction", "audio_s", "audio_s_decoded",
                 "job_wall_s", "inference_s", "rtfx_job", "rtfx_inference", "this_run"]
@@ -344,7 +346,7 @@ def _config_section(summary: dict | None) -> str:
             + "<h3>Resolved configuration</h3>" + _table("config-table", ["key", "value"], config))
 
 
-def render(tally: ReportTally, summary: dict | None, output_uri: str) -> str:
+def render(tally: ReportTally, summary: JobSummary | None, output_uri: str) -> str:
     """The whole page as one string."""
     name = output_uri.rstrip("/").rsplit("/", 1)[-1] or output_uri
     sections = [
