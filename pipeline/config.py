@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .constants import MAX_KEYWORD_CHARS, MAX_KEYWORDS
 from .errors import CannotRun
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -120,18 +121,62 @@ class VllmOptions(_Section):
     temperature: float = Field(0.0, ge=0, description="0 = greedy.")
 
 
-DEFAULT_MODELS = {"whisper": "tiny.en", "vllm": "ibm-granite/granite-4.0-1b-speech", "fake": "fake"}
+class TransformersOptions(_Section):
+    """Hugging Face transformers engine options (pipeline/engines/transformers.py; the README's
+    Engines and Speculative decoding sections). Granite Speech checkpoints only."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model runs; auto: cuda when a GPU is visible to the replica, else cpu."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights and activations; auto: bfloat16 on cuda, float32 on cpu."
+    )
+    max_model_len: int = Field(
+        1024, ge=64,
+        description="Prompt + output tokens, as vllm's: a clip whose prompt (about 10 tokens per second of "
+        "audio) leaves no room for output gets status too_long.",
+    )
+    max_output_tokens_per_s: float = Field(
+        8.0, gt=0, description="Output token budget per second of audio (greedy decoding), as vllm's."
+    )
+    min_output_tokens: int = Field(32, ge=1, description="Smallest output budget of a clip, as vllm's.")
+    speculative: Literal["off", "lossless", "thresholded"] = Field(
+        "off",
+        description="CTC-draft speculative decoding (IBM's): the encoder's character CTC head drafts the "
+        "transcript and the language model verifies it in one pass. off: plain greedy decoding. lossless: "
+        "a draft is kept only where it equals the model's own greedy choice token by token, end-of-text "
+        "included, so the text is plain greedy's. thresholded: IBM's leaderboard rule (entropy and "
+        "probability thresholds below); faster, not lossless.",
+    )
+    ctc_entropy_threshold: float = Field(
+        0.7, ge=0,
+        description="thresholded only: a draft whose largest per-frame CTC entropy (nats) is at most this is "
+        "taken as is, unverified (IBM's leaderboard run: 0.7).",
+    )
+    verify_probability_threshold: float = Field(
+        0.2, ge=0, le=1,
+        description="thresholded only: a verified draft is kept when every token's probability under the "
+        "language model is at least this (IBM's leaderboard run: 0.2).",
+    )
+
+
+DEFAULT_MODELS = {
+    "whisper": "tiny.en",
+    "vllm": "ibm-granite/granite-4.0-1b-speech",
+    "transformers": "ibm-granite/granite-4.0-1b-speech",
+    "fake": "fake",
+}
 """The model each engine runs when ``engine.model`` is not given."""
 
 
 class EngineConfig(_Section):
-    name: Literal["whisper", "vllm", "fake"] = Field("whisper", description="Which engine runs.")
+    name: Literal["whisper", "vllm", "transformers", "fake"] = Field("whisper", description="Which engine runs.")
     model: str | None = Field(
         None,
         validate_default=True,
         description="Model name or path; null = the engine's default (DEFAULT_MODELS). whisper: "
-        "tiny.en / base (offline packages) or any CTranslate2 path or hub name; vllm: a hub name "
-        "or a local checkpoint folder.",
+        "tiny.en / base (offline packages) or any CTranslate2 path or hub name; vllm, transformers: a hub "
+        "name or a local checkpoint folder.",
     )
     replicas: int | None = Field(
         None, ge=1,
@@ -143,6 +188,7 @@ class EngineConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Rows per engine call.")
     whisper: WhisperOptions = WhisperOptions()
     vllm: VllmOptions = VllmOptions()
+    transformers: TransformersOptions = TransformersOptions()
 
     @field_validator("model")
     @classmethod
@@ -157,8 +203,8 @@ class TaskConfig(_Section):
     task: Literal["transcribe", "translate"] = "transcribe"
     target_language: str | None = None
     keywords: list[str] = Field(default_factory=list, description="Biasing keywords for every row.")
-    max_keywords: int = Field(50, ge=0)
-    max_keyword_chars: int = Field(64, ge=1)
+    max_keywords: int = Field(MAX_KEYWORDS, ge=0)
+    max_keyword_chars: int = Field(MAX_KEYWORD_CHARS, ge=1)
 
 
 class ScoringConfig(_Section):

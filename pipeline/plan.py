@@ -187,7 +187,7 @@ def job_key(cfg: JobConfig, manifest_uri: str) -> dict[str, Any]:
         "manifest": manifest_uri,
         "input": c["input"],
         "audio": {k: c["audio"][k] for k in ("resample_quality", "max_duration_s")},
-        "engine": {k: c["engine"][k] for k in ("name", "model", "whisper", "vllm")},
+        "engine": {k: c["engine"][k] for k in ("name", "model", "whisper", "vllm", "transformers")},
         "task": c["task"],
         "scoring": c["scoring"],
     }

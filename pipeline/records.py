@@ -1,4 +1,5 @@
-"""The row's shape: every column, the sample rate, row statuses and ids, each defined once here.
+"""The row's shape: every column, the sample rate, row statuses and ids, each defined once here
+(the sample rate and statuses in ``constants.py``, re-exported here).
 
 A row travels manifest -> prepare -> decode -> inference -> score -> driver. Its columns come in
 named groups (:class:`ColumnGroup`); each stage declares the groups it reads and the groups it adds,
@@ -15,37 +16,13 @@ import hashlib
 import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-SAMPLE_RATE_HZ = 16_000
-"""Audio leaves the decode stage, and reaches every engine, as 16 kHz mono float32."""
-
-
-class Status(str, Enum):
-    """Per-row outcome. Everything but ``OK`` is a failure reason counted in the summary."""
-
-    OK = "ok"
-    INVALID_ROW = "invalid_row"  # manifest row unusable (no audio URI, bad field)
-    DUPLICATE_ID = "duplicate_id"  # an earlier row of the job has the same id
-    MISSING_OBJECT = "missing_object"  # audio object does not exist
-    ACCESS_DENIED = "access_denied"  # storage refused the read
-    FETCH_ERROR = "fetch_error"  # storage failed after retries
-    DECODE_ERROR = "decode_error"  # bytes are not decodable audio (or truncated)
-    EMPTY_AUDIO = "empty_audio"  # decodes to zero samples
-    INVALID_AUDIO = "invalid_audio"  # decodes, but samples are NaN / Inf
-    TOO_LONG = "too_long"  # longer than the engine or config accepts
-    UNSUPPORTED_TASK = "unsupported_task"  # language / task pair the model cannot do
-    INFERENCE_ERROR = "inference_error"  # the engine failed on this row
-
-    def __str__(self) -> str:
-        return self.value
-
-
-OK = Status.OK.value
+# Plain Python, so that engines import them without pyarrow; this module's interface as before.
+from .constants import OK, SAMPLE_RATE_HZ, Status  # noqa: F401
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,25 @@
 """Engines behind one interface; :func:`load_engine` picks one by ``engine.name``.
 
 Each engine lives in its own module and is imported only when chosen, so the heavy libraries
-(ctranslate2, vllm, torch) load only in the workers that use them.
+(ctranslate2, vllm, torch) load only in the workers that use them. This package imports no config
+(pydantic) at import time either: ``pipeline.engines.transformers`` and what it imports must load
+where only torch, torchaudio, transformers and numpy are installed (the GPU benchmark).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ..config import EngineConfig, TaskConfig
 from .base import Engine, EngineRequest, EngineResult, EngineUnavailable
+
+if TYPE_CHECKING:
+    from ..config import EngineConfig, TaskConfig
+
+
+def _keyword_limits(task: TaskConfig):
+    from .prompts import KeywordLimits
+
+    return KeywordLimits(max_keywords=task.max_keywords, max_chars=task.max_keyword_chars)
 
 
 def _whisper(cfg: EngineConfig, task: TaskConfig) -> Engine:
@@ -19,12 +29,17 @@ def _whisper(cfg: EngineConfig, task: TaskConfig) -> Engine:
 
 
 def _vllm(cfg: EngineConfig, task: TaskConfig) -> Engine:
-    from .prompts import KeywordLimits
     from .vllm import VllmEngine
 
-    limits = KeywordLimits(max_keywords=task.max_keywords, max_chars=task.max_keyword_chars)
     return VllmEngine(cfg.model, cfg.vllm, device="cuda" if cfg.gpus_per_replica > 0 else "cpu",
-                      keyword_limits=limits)
+                      keyword_limits=_keyword_limits(task))
+
+
+def _transformers(cfg: EngineConfig, task: TaskConfig) -> Engine:
+    from .transformers import TransformersEngine
+
+    return TransformersEngine(cfg.model, cfg.transformers, keyword_limits=_keyword_limits(task),
+                              cpus=cfg.cpus_per_replica)
 
 
 def _fake(cfg: EngineConfig, task: TaskConfig) -> Engine:
@@ -34,7 +49,7 @@ def _fake(cfg: EngineConfig, task: TaskConfig) -> Engine:
 
 
 ENGINES: dict[str, Callable[[EngineConfig, TaskConfig], Engine]] = {
-    "whisper": _whisper, "vllm": _vllm, "fake": _fake,
+    "whisper": _whisper, "vllm": _vllm, "transformers": _transformers, "fake": _fake,
 }
 
 
@@ -42,10 +57,10 @@ def preflight(cfg: EngineConfig) -> None:
     """Fail fast, before any worker starts, when the model cannot be found here (a path that does
     not exist, a hub name with the hub forbidden). Loads nothing. Only meaningful where the
     workers share this machine's files (a local Ray)."""
-    if cfg.name == "vllm":
-        from .vllm import resolve_model
+    if cfg.name in ("vllm", "transformers"):
+        from .common import resolve_model
 
-        resolve_model(cfg.model)
+        resolve_model(cfg.model, engine=cfg.name)
     elif cfg.name == "whisper":
         from .whisper import resolve_model as resolve_ct2
 
@@ -54,7 +69,11 @@ def preflight(cfg: EngineConfig) -> None:
 
 def load_engine(cfg: EngineConfig, task: TaskConfig | None = None) -> Engine:
     """Load the configured engine once (call in a worker's setup, never per batch)."""
-    return ENGINES[cfg.name](cfg, task or TaskConfig())
+    if task is None:
+        from ..config import TaskConfig
+
+        task = TaskConfig()
+    return ENGINES[cfg.name](cfg, task)
 
 
 __all__ = ["Engine", "EngineRequest", "EngineResult", "EngineUnavailable", "load_engine", "preflight"]

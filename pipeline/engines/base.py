@@ -13,7 +13,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from ..errors import CannotRun
-from ..records import SAMPLE_RATE_HZ
+from ..constants import SAMPLE_RATE_HZ
 
 
 class EngineUnavailable(CannotRun, RuntimeError):

@@ -21,7 +21,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol, Sequence
 
-from ..config import TaskConfig
+from ..constants import MAX_KEYWORD_CHARS, MAX_KEYWORDS
 from .base import EngineRequest
 
 LANGUAGE_NAMES: dict[str, str] = {
@@ -54,8 +54,8 @@ class KeywordLimits:
     """Bounds on biasing keywords: how many are kept and how long each may be (characters).
     Defaults are the job config's (``task.max_keywords``, ``task.max_keyword_chars``)."""
 
-    max_keywords: int = TaskConfig.model_fields["max_keywords"].default
-    max_chars: int = TaskConfig.model_fields["max_keyword_chars"].default
+    max_keywords: int = MAX_KEYWORDS
+    max_chars: int = MAX_KEYWORD_CHARS
 
 
 def normalize_language(code: str | None) -> str | None:

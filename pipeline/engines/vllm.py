@@ -10,15 +10,15 @@ checkpoint's ``config.json``. vLLM's ``generate`` does not chunk long audio: a c
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import VllmOptions
-from ..records import Status
-from ..records import SAMPLE_RATE_HZ
+from ..constants import SAMPLE_RATE_HZ, Status
 from .base import EngineRequest, EngineResult, EngineUnavailable
+from .common import model_type, output_budget
+from .common import resolve_model as _resolve
 from .prompts import GranitePrompts, KeywordLimits, PromptBuilder, WhisperPrompts, normalize_language
 
 FAMILIES = {"granite_speech": "granite", "whisper": "whisper"}
@@ -29,44 +29,17 @@ _INSTALL_HINT = {
 }
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def resolve_model(name: str) -> Path:
-    """A local checkpoint folder for ``name``: the folder itself, or a hub snapshot.
-
-    No silent fallback: when ``name`` is not a folder and the hub is forbidden
-    (``HF_HUB_OFFLINE=1``) or unreachable, the error names the model and says the hub is needed.
-    """
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if _hub_offline():
-        raise EngineUnavailable(
-            f"vllm model {name!r} is not a local folder, and fetching it needs the Hugging Face hub, "
-            "which HF_HUB_OFFLINE=1 forbids; give a local checkpoint folder"
-        )
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name))
-    except Exception as e:  # noqa: BLE001 - network, auth or missing repo: all mean "cannot get it"
-        raise EngineUnavailable(
-            f"vllm model {name!r} is not a local folder and the Hugging Face hub, which it needs, "
-            f"did not provide it: {e}"
-        ) from e
+    """A local checkpoint folder for ``name`` (see :func:`.common.resolve_model`)."""
+    return _resolve(name, engine="vllm")
 
 
 def model_family(checkpoint: Path) -> str:
     """``granite`` or ``whisper``, from ``model_type`` in the checkpoint's config.json."""
-    try:
-        model_type = json.loads((checkpoint / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError) as e:
-        raise EngineUnavailable(f"cannot read {checkpoint / 'config.json'}: {e}") from e
-    if model_type not in FAMILIES:
-        raise EngineUnavailable(f"engine 'vllm' supports model types {sorted(FAMILIES)}, not {model_type!r}")
-    return FAMILIES[model_type]
+    found = model_type(checkpoint)
+    if found not in FAMILIES:
+        raise EngineUnavailable(f"engine 'vllm' supports model types {sorted(FAMILIES)}, not {found!r}")
+    return FAMILIES[found]
 
 
 def _pick_device(device: str) -> str:
@@ -181,12 +154,9 @@ class VllmEngine:
             window_s = float(self._processor.feature_extractor.chunk_length)
             if req.duration_s > window_s:
                 return f"{req.duration_s:.1f} s of audio exceeds whisper's {window_s:.0f} s window (no chunking)"
-        wanted = max(o.min_output_tokens, math.ceil(req.duration_s * o.max_output_tokens_per_s))
-        room = o.max_model_len - self.prompt_tokens(prompt, len(req.samples))
-        if room < min(wanted, o.min_output_tokens):
-            return (f"{req.duration_s:.1f} s of audio needs {o.max_model_len - room} prompt tokens; "
-                    f"max_model_len {o.max_model_len} leaves no room for output")
-        return min(wanted, room)
+        return output_budget(req.duration_s, self.prompt_tokens(prompt, len(req.samples)),
+                             max_model_len=o.max_model_len, max_output_tokens_per_s=o.max_output_tokens_per_s,
+                             min_output_tokens=o.min_output_tokens)
 
     # --- inference -----------------------------------------------------------------------
 
