@@ -31,6 +31,9 @@ GRANITE_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
 )
 
+# Blank, space, then letters: one string per class of the tiny encoder's CTC head (output_dim 24).
+TINY_CTC_VOCAB = ["", " "] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+
 WHISPER_LANGUAGES = ("en", "fr", "de", "es", "pt", "ja", "it", "zh")
 WHISPER_SPECIAL_TOKENS = (
     ["<|endoftext|>", "<|startoftranscript|>"]
@@ -169,6 +172,9 @@ def build_tiny_granite(out_dir: Path, seed: int = SEED, init_std: float = INIT_S
         audio_processor=GraniteSpeechFeatureExtractor(), tokenizer=tokenizer, chat_template=GRANITE_CHAT_TEMPLATE
     )
     processor.save_pretrained(out_dir)
+    # The CTC head's classes as text, for the transformers engine's drafts (the real checkpoint
+    # has no such file: its classes are Latin-1 code points, see engines/transformers.py).
+    (out_dir / "ctc_vocab.json").write_text(json.dumps(TINY_CTC_VOCAB[: config.encoder_config.output_dim]))
     return out_dir
 
 
