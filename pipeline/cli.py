@@ -86,22 +86,28 @@ def run(manifest: str | None, audio_pattern: str | None, skip_done_in: str | Non
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE", help="YAML job config.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key. Repeatable.")
 @click.option("--batch-sizes", default="8", show_default=True, help="Comma-separated engine batch sizes.")
-@click.option("--replicas", default="1", show_default=True, help="Comma-separated actor counts for pipeline runs.")
-def bench(manifest: str, config_path: str | None, overrides: tuple[str, ...], batch_sizes: str, replicas: str) -> None:
+@click.option("--replicas", default="1", show_default=True,
+              help="Comma-separated actor counts for pipeline runs (empty: the engine alone only).")
+@click.option("--engines", default="", metavar="NAME[=MODEL],...",
+              help="Compare these engines on the same clips, e.g. whisper,transformers (default: the configured one).")
+def bench(manifest: str, config_path: str | None, overrides: tuple[str, ...], batch_sizes: str, replicas: str,
+          engines: str) -> None:
     """Measure RTFx of the engine alone and of the whole pipeline on the same clips, side by side.
 
-    Prints a table; the last column is the pipeline's overhead (job wall / engine-only wall).
+    Prints a table; the wall/engine column is the pipeline's overhead (job wall / engine-only wall).
     """
-    from .bench import format_table, run_bench
+    from .bench import engine_configs, format_table, run_bench
 
     try:
         cfg = load_config(config_path, overrides)
         sizes = [int(x) for x in batch_sizes.split(",") if x]
         counts = [int(x) for x in replicas.split(",") if x]
-    except (CannotRun, ValueError) as e:
+        names = [x for x in engines.split(",") if x.strip()]
+        chosen = engine_configs(cfg, names)
+    except (CannotRun, ValueError) as e:  # pydantic's ValidationError is a ValueError
         _fail(str(e))
-    click.echo(f"engine {cfg.engine.name} / {cfg.engine.model} on {manifest}")
-    click.echo(format_table(run_bench(cfg, manifest, sizes, counts)))
+    click.echo(", ".join(f"engine {e.name} / {e.model}" for e in chosen) + f" on {manifest}")
+    click.echo(format_table(run_bench(cfg, manifest, sizes, counts, names)))
 
 
 def _root_cause(error: BaseException) -> BaseException:
