@@ -98,6 +98,8 @@ def engine_configs(cfg: JobConfig, engines: list[str] | None) -> list[EngineConf
     for spec in engines:
         name, _, model = spec.partition("=")
         name = name.strip()
+        if name not in DEFAULT_MODELS:
+            raise ValueError(f"unknown engine {name!r} in --engines (engines: {', '.join(DEFAULT_MODELS)})")
         model = model.strip() or (cfg.engine.model if name == cfg.engine.name else DEFAULT_MODELS.get(name))
         out.append(EngineConfig.model_validate({**cfg.engine.model_dump(), "name": name, "model": model}))
     return out
