@@ -297,14 +297,23 @@ def test_config_load_engine_and_preflight(checkpoint, tmp_path, monkeypatch):
 def test_greedy_text_and_logprobs_agree_with_the_vllm_engine(tmp_path_factory, clips):
     path, vllm_engine = shared_granite_engine(tmp_path_factory)
     eng = TransformersEngine(str(path), OPTIONS)
+    from vllm import SamplingParams
+
     for req in clips[:4]:
         # Scaled so vLLM's encoder cache cannot answer from another test's batch (see test_vllm_parity).
         req = EngineRequest(id=req.id, samples=0.98 * req.samples, language=req.language)
         ours, theirs = eng.transcribe([req])[0], vllm_engine.transcribe([req])[0]
         assert ours.prompt == theirs.prompt
         assert ours.extra["prompt_tokens"] == theirs.extra["prompt_tokens"]
-        assert ours.text == theirs.text, req.id
+        assert ours.extra["output_tokens"] == theirs.extra["output_tokens"]
         assert ours.avg_logprob == pytest.approx(theirs.avg_logprob, abs=1e-3)
+        # The same greedy tokens (texts differ only where vLLM's detokenizer holds back a last,
+        # incomplete UTF-8 character of the random output).
+        out = vllm_engine.llm.generate(
+            [{"prompt": ours.prompt, "multi_modal_data": {"audio": (req.samples, 16000)}}],
+            SamplingParams(temperature=0.0, max_tokens=ours.extra["output_tokens"]), use_tqdm=False)[0]
+        assert list(out.outputs[0].token_ids) == eng.last_token_ids[0], req.id
+        assert ours.text.startswith(theirs.text)
 
 
 # --- the pipeline, end to end ------------------------------------------------------------
@@ -340,8 +349,9 @@ def test_pipeline_runs_end_to_end_with_the_transformers_engine(checkpoint, ray_s
 
 # --- benchmarks ----------------------------------------------------------------------------
 
-# What a bare GPU machine lacks (it has pyyaml: transformers needs it).
-BLOCKED = ("pydantic", "pydantic_core", "pyarrow", "ray", "vllm", "soundfile", "pandas")
+# What a bare GPU machine lacks (it has pyyaml: transformers needs it). mistral_common, a vLLM
+# dependency here, needs pydantic: transformers would try it if it looked installed.
+BLOCKED = ("pydantic", "pydantic_core", "pyarrow", "ray", "vllm", "soundfile", "pandas", "mistral_common")
 
 
 def test_gpu_benchmark_tiny_cpu_mode_runs_with_only_torch_and_transformers(tmp_path):
