@@ -455,11 +455,12 @@ class TransformersEngine:
         # lossless: greedy decoding stops at the budget, so only the budget's worth of the draft counts
         kept = [r.draft_ids[: r.budget] if lossless else r.draft_ids for r in rows]
         width = max(len(k) for k in kept)
-        draft = torch.full((len(rows), width), self._pad, dtype=torch.long, device=self.device)
-        draft_mask = torch.zeros((len(rows), width), dtype=mask.dtype, device=self.device)
+        draft = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        draft_mask = torch.zeros((len(rows), width), dtype=mask.dtype)
         for j, ids in enumerate(kept):
             draft[j, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             draft_mask[j, : len(ids)] = 1
+        draft, draft_mask = draft.to(self.device), draft_mask.to(self.device)
         x = torch.cat([embeds, self._text_model.get_input_embeddings()(draft)], dim=1)
         attention = torch.cat([mask, draft_mask], dim=1)
         # Positions as generate() makes them for a left-padded batch.
