@@ -351,7 +351,6 @@ class TransformersEngine:
         return time.perf_counter()
 
     def _run(self, rows: list[_Row]) -> list[EngineResult]:
-        torch = self._torch
         started = self._sync()
         inputs = self.processor(text=[r.prompt for r in rows],
                                 audio=[np.ascontiguousarray(r.req.samples, dtype=np.float32) for r in rows],
