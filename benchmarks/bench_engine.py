@@ -227,11 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wav", type=Path, help="a folder of 16 kHz PCM WAV clips instead of synthetic ones")
     ap.add_argument("--modes", default=",".join(m.replace(", ", "-") for m in MODES),
                     help="which rows to time, of: " + ", ".join(m.replace(", ", "-") for m in MODES))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's own; --tiny: 1, as a toy model gains nothing from more)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
 
     import torch
 
+    threads = args.threads or (1 if args.tiny else None)
+    if threads:
+        torch.set_num_threads(threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible; use --device cpu (with --tiny for a quick run)")
     sizes = [int(x) for x in (args.batch_sizes or ("1,4" if args.tiny else "1,16,64,256")).split(",") if x]
