@@ -246,7 +246,8 @@ def test_a_lost_worker_node_costs_only_its_in_flight_work(tmp_path):
         worker = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
         env = {**os.environ, "RAY_ADDRESS": cluster.address}
-        proc = quarry_run(manifest, out, "engine.batch_size=2", "engine.replicas=2", "engine.cpus_per_replica=0.5",
+        # Two replicas of 1 CPU and a head of 1 CPU: at least one replica lives on the worker node.
+        proc = quarry_run(manifest, out, "engine.batch_size=2", "engine.replicas=2", "engine.cpus_per_replica=1",
                           "output.rows_per_file=4", "output.flush_interval_s=1", env=env)
         _wait_for_first_commit(proc, out, timeout_s=180)
         cluster.remove_node(worker, allow_graceful=False)  # a spot node gone, with its actors and objects
@@ -275,3 +276,47 @@ def test_a_rerun_resumes_only_the_same_content_and_settings_and_says_what_differ
     write_jsonl(manifest, [{"id": f"r{i}", "audio": n} for i, n in enumerate(reversed(names))])  # same path
     with pytest.raises(OutputExistsError, match=r"manifest\.content"):
         run_job(cfg, str(manifest), str(tmp_path / "out"))
+
+
+# --- nightly partitions --------------------------------------------------------------------------
+
+
+def test_a_partition_that_stopped_early_counts_its_committed_rows_as_done(ray_session, tmp_path):
+    from pipeline.discover import discover
+
+    names = _clips(tmp_path)
+    archive, runs = tmp_path / "archive", tmp_path / "runs"
+    archive.mkdir()
+    for n in names[:4]:
+        shutil.copy(tmp_path / n, archive)
+    (archive / "zz-broken.wav").write_bytes(b"RIFF not really audio")  # decode_error: a final answer
+    night1 = runs / "run_date=2026-11-21"
+    found = discover(str(archive), str(night1), skip_done_in=str(runs))
+    first = run_job(load_config(None, ["engine.name=fake", "engine.batch_size=1", "output.rows_per_file=1",
+                                       "output.max_failed_fraction=0", "output.budget_min_rows=1"]),
+                    found.manifest_uri, str(night1))
+    assert not first.ok  # the run stopped on its failure budget: its summary says failed, not completed
+    committed = read_transcripts(night1)
+    final = committed[committed["status"].isin(["ok", "decode_error"])]
+    assert len(final) >= 1
+    second = discover(str(archive), str(runs / "run_date=2026-11-22"), skip_done_in=str(runs))
+    assert second.n_done_before == len(final)  # what it committed is done, whatever its summary says
+
+
+def test_a_rerun_never_leaves_an_earlier_attempts_summary_in_place(ray_session, tmp_path):
+    from pipeline.manifest import Manifest
+    from pipeline.output import TranscriptWriter
+    from pipeline.plan import job_key
+    from pipeline.records import transcript_schema
+
+    names = _clips(tmp_path, 2)
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "fail-engine-1", "audio": names[0]},
+                                                  {"id": "ok-1", "audio": names[1]}])
+    cfg = load_config(None, ["engine.name=fake"])
+    run_job(cfg, str(manifest), str(tmp_path / "out"))
+    assert (tmp_path / "out" / "summary.json").exists()
+    opened = Manifest.open(str(manifest), cfg)
+    writer = TranscriptWriter(str(tmp_path / "out"), transcript_schema(opened.extras), {}, 100)
+    resume = writer.prepare(False, job_key(cfg, opened), opened.n_rows)  # a second attempt starts...
+    assert not (tmp_path / "out" / "summary.json").exists()  # ...and the first one's summary is gone
+    assert resume.attempt == 2 and resume.healed_rows == 1 and resume.committed_rows == 1
