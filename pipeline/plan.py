@@ -214,16 +214,19 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
     """Run one job end to end and write its outputs; resume when OUTPUT holds an interrupted
     attempt of the same job. ``claim``: the caller's claim on OUTPUT (taken here otherwise).
     Raises only when the job cannot run."""
+    started = time.time()
+    clock = time.perf_counter()
     if not ray_address(cfg):
         preflight(cfg.engine)  # a local Ray's workers see this machine's files: fail before starting it
     manifest = Manifest.open(manifest_uri, cfg)  # its head, rows and fingerprint, read once, before anything starts
+    phases = {"manifest": time.perf_counter() - clock}
     with nullcontext(claim) if claim else claim_output(output_uri, cfg.storage.options) as held:
-        return _run(cfg, manifest, output_uri, overwrite, held)
+        return _run(cfg, manifest, output_uri, overwrite, held, started, clock, phases)
 
 
-def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, claim: Claim) -> RunResult:
-    started = time.time()
-    clock = time.perf_counter()
+def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, claim: Claim, started: float,
+         clock: float, phases: dict[str, float]) -> RunResult:
+    mark = time.perf_counter()
     schema = transcript_schema(manifest.extras)
     writer = TranscriptWriter(output_uri, schema, cfg.storage.options, cfg.output.rows_per_file,
                               cfg.output.flush_interval_s, claim)
@@ -231,8 +234,11 @@ def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, c
     if resume.committed_rows or resume.healed_rows:
         log.info("resuming %s: attempt %d, %d rows already committed in %d files, %d with a transient status to redo",
                  output_uri, resume.attempt, resume.committed_rows, resume.committed_files, resume.healed_rows)
+    phases["output"], mark = time.perf_counter() - mark, time.perf_counter()
     init_ray(cfg)
     import ray
+
+    phases["ray"], mark = time.perf_counter() - mark, time.perf_counter()
 
     committed_ref = ray.put(resume.committed) if resume.committed_rows else None
     ds = build_dataset(cfg, manifest, committed_ref)
@@ -243,6 +249,9 @@ def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, c
     budget = cfg.output
     stopped_early = False
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if "first rows" not in phases:  # actors started, models loaded, the first batch through
+            phases["first rows"] = time.perf_counter() - mark
+            log.info("start-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
         run.add(writer.write(*assembler.add(batch)))
         if run.n_input >= budget.budget_min_rows and run.failed_fraction() > budget.max_failed_fraction:
             log.error("stopping: %d of %d rows failed (%s), over max_failed_fraction %g; what completed is kept",
