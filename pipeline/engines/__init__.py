@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from .base import Engine, EngineRequest, EngineResult, EngineUnavailable
+from .base import Engine, EngineDead, EngineRequest, EngineResult, EngineUnavailable, is_engine_dead
 
 if TYPE_CHECKING:
     from ..config import EngineConfig, TaskConfig
@@ -76,4 +76,5 @@ def load_engine(cfg: EngineConfig, task: TaskConfig | None = None) -> Engine:
     return ENGINES[cfg.name](cfg, task)
 
 
-__all__ = ["Engine", "EngineRequest", "EngineResult", "EngineUnavailable", "load_engine", "preflight"]
+__all__ = ["Engine", "EngineDead", "EngineRequest", "EngineResult", "EngineUnavailable", "is_engine_dead",
+           "load_engine", "preflight"]
