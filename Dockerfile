@@ -3,8 +3,7 @@
 #
 #   make image                       # docker build -t quarry:<version>-ray<ray version>-gpu .
 #
-# Only the package goes in (.dockerignore); jobs/ and configs/ reach a job as its working
-# directory. tests/test_packaging.py lints this file with hadolint.
+# Only the package goes in (.dockerignore); jobs/ reach a job as its working directory. tests/test_packaging.py lints this file with hadolint.
 ARG RAY_VERSION=2.60.0
 FROM rayproject/ray:${RAY_VERSION}-py311-gpu
 
@@ -14,6 +13,8 @@ FROM rayproject/ray:${RAY_VERSION}-py311-gpu
 USER 1000:100
 WORKDIR /home/ray/quarry-src
 COPY --chown=1000:100 pyproject.toml README.md ./
+# pipeline/configs is a link to configs/: both go in.
+COPY --chown=1000:100 configs ./configs
 COPY --chown=1000:100 pipeline ./pipeline
 RUN pip install --no-cache-dir "./[gpu]" \
  && quarry --version

@@ -8,7 +8,8 @@
 * dataset-labeling (fake engine: the mechanics): filters, exports loaded back by lhotse and datasets,
   subtitles, a rerun that resumes.
 * Each job README's `ray job submit` line, run against a Ray head started here (`ray start --head`
-  with its job server on 127.0.0.1).
+  with its job server on 127.0.0.1); its runtime env installs Quarry from the uploaded working
+  directory, as on a plain Ray cluster.
 * The job files themselves: cluster and local versions differ only in URIs and resources, and the
   READMEs and KubeRay RayJobs run the same commands.
 """
