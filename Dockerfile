@@ -3,7 +3,8 @@
 #
 #   make image                       # docker build -t quarry:<version>-ray<ray version>-gpu .
 #
-# Only the package goes in (.dockerignore); jobs/ reach a job as its working directory. tests/test_packaging.py lints this file with hadolint.
+# Only what installing the package needs goes in (.dockerignore); jobs/ reach a job as its working
+# directory. tests/test_packaging.py lints this file with hadolint.
 ARG RAY_VERSION=2.60.0
 FROM rayproject/ray:${RAY_VERSION}-py311-gpu
 
