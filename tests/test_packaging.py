@@ -155,7 +155,7 @@ def test_the_readme_cluster_submit_line_is_the_jobs_one_and_the_config_comment_i
 def test_make_demo_and_test_need_no_file_outside_the_repository():
     makefile = (REPO / "Makefile").read_text()
     assert "shared" not in makefile and "../" not in makefile
-    assert "bench-memory --eval-dir tests/data/eval" in makefile  # the command's default is ../shared/eval
+    assert "bench_memory --clips tests/data/eval" in makefile
 
 
 # --- the cluster image --------------------------------------------------------------------------------
