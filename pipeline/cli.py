@@ -15,7 +15,18 @@ from .config import load_config
 from .errors import CannotRun, ExitCode
 
 
+def _version() -> str:
+    """The installed distribution's version (quarry-speech), or a plain statement that it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("quarry-speech")
+    except PackageNotFoundError:
+        return "unknown (run from a source tree: the quarry-speech distribution is not installed)"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", prog_name="quarry", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress and Ray's own messages.")
 def main(verbose: bool) -> None:
     """Quarry transcribes (or translates) every recording in a manifest and scores WER where

@@ -3,7 +3,7 @@
 ``write_corpus(folder)`` writes every file and returns one :class:`Case` per input, with the
 status decoding it must end in; ``build_corpus()`` gives the same cases with their bytes in
 memory (cached, so parametrising tests over it costs one build). The speech comes from a real
-recording in ``shared/eval`` (beside the repo, as CI clones it); the odd rates are made with
+recording in ``tests/data/eval`` (``EVAL_DIR``); the odd rates are made with
 linear interpolation, which is crude but enough to test decoding, not listening.
 """
 
@@ -20,7 +20,9 @@ import soundfile as sf
 
 from pipeline.records import Status
 
-EVAL_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "eval" / "audio"
+from .paths import EVAL_DIR
+
+EVAL_AUDIO = EVAL_DIR / "audio"
 SPEECH_CLIP = "fleurs_en_000.flac"  # 16 kHz mono speech
 SPEECH_S = 4.0  # seconds of it used, to keep the corpus small and quick
 RATE = 16_000
@@ -42,7 +44,7 @@ def speech(seconds: float = SPEECH_S) -> np.ndarray:
     """The first ``seconds`` of a real 16 kHz speech recording, float32 mono."""
     path = EVAL_AUDIO / SPEECH_CLIP
     if not path.exists():
-        raise FileNotFoundError(f"the eval recordings are expected at {EVAL_AUDIO} (shared/ beside the repo)")
+        raise FileNotFoundError(f"the eval recordings are missing: {EVAL_AUDIO} (tests/data/eval in the repository)")
     samples, rate = sf.read(path, dtype="float32", frames=int(seconds * RATE))
     if rate != RATE or samples.ndim != 1:
         raise ValueError(f"{path}: expected 16 kHz mono, got {rate} Hz, shape {samples.shape}")

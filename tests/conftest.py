@@ -1,4 +1,4 @@
-"""Shared fixtures: the eval recordings beside the repo, one local Ray per session, a real S3 server."""
+"""Shared fixtures: the eval recordings (tests/data/eval), one local Ray per session, a real S3 server."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-EVAL_DIR = SHARED / "eval"
+from .paths import EVAL_DIR, REPO  # the eval recordings' one location (tests/data/eval)
 
 
 def _free_port() -> int:
@@ -55,7 +53,7 @@ def pytest_runtest_setup(item):
 
 def eval_rows(language: str | None = None) -> list[dict]:
     if not (EVAL_DIR / "manifest.jsonl").exists():
-        raise FileNotFoundError(f"the eval recordings are expected at {EVAL_DIR} (shared/ beside the repo)")
+        raise FileNotFoundError(f"the eval recordings are missing: {EVAL_DIR} (tests/data/eval in the repository)")
     rows = [json.loads(line) for line in (EVAL_DIR / "manifest.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in rows if language is None or r["language"] == language]
 

@@ -17,8 +17,8 @@ from pipeline.audio import AudioError, decode_audio, fetch_bytes, load_audio
 from pipeline.records import Status
 
 from .badaudio import Case, build_corpus, write_corpus
+from .paths import EVAL_DIR
 
-EVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "eval"
 CASES = [case for case, _ in build_corpus()]
 
 
@@ -111,7 +111,7 @@ def test_audio_within_max_duration_decodes():
 def _eval_rows() -> list[dict]:
     manifest = EVAL_DIR / "manifest.jsonl"
     if not manifest.exists():
-        raise FileNotFoundError(f"the eval recordings are expected at {EVAL_DIR} (shared/ beside the repo)")
+        raise FileNotFoundError(f"the eval recordings are missing: {EVAL_DIR} (tests/data/eval in the repository)")
     return [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
 
 

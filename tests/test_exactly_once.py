@@ -4,7 +4,9 @@ local and S3), repeated ids across a crash (a real SIGKILL), an engine that dies
 lost Ray node (a two-node cluster on this machine), and a job identity that covers the manifest's
 content and every result-affecting setting.
 
-Each scenario prints one ``fault-report`` line (rows in / out, duplicates, lost, rows redone).
+Each scenario prints one ``fault-report`` line (rows in / out, duplicates, lost, rows redone). The
+scenarios that race or kill real processes are marked ``slow``: ``make test`` runs them,
+``make test-fast`` does not.
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ def test_a_driver_whose_lease_was_taken_over_stops_committing(s3_bucket):
     claim.release()
 
 
+@pytest.mark.slow  # real processes killed or raced: minutes
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_drivers_started_together_on_one_output_never_interleave(tmp_path, s3_bucket, s3_server, where):
     names = _clips(tmp_path)
@@ -191,6 +194,7 @@ def test_two_drivers_started_together_on_one_output_never_interleave(tmp_path, s
 # --- row identity --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # real processes killed or raced: minutes
 def test_repeated_ids_survive_a_kill_at_the_first_commit_and_a_rerun(tmp_path):
     names = _clips(tmp_path)
     rows = [{"id": f"slow-engine-{i % 20:03d}", "audio": names[i % len(names)]} for i in range(60)]
@@ -217,6 +221,7 @@ def test_repeated_ids_survive_a_kill_at_the_first_commit_and_a_rerun(tmp_path):
 # --- an engine that dies, a node that is lost ----------------------------------------------------
 
 
+@pytest.mark.slow  # real processes killed or raced: minutes
 def test_an_engine_that_dies_is_replaced_and_its_batch_redone(tmp_path):
     names = _clips(tmp_path)
     rows = [{"id": f"row-{i:02d}", "audio": names[i % len(names)]} for i in range(16)]
@@ -233,6 +238,7 @@ def test_an_engine_that_dies_is_replaced_and_its_batch_redone(tmp_path):
     assert sorted(got["row_index"]) == list(range(16)) and (got["status"] == "ok").all()
 
 
+@pytest.mark.slow  # real processes killed or raced: minutes
 def test_a_lost_worker_node_costs_only_its_in_flight_work(tmp_path):
     from ray.cluster_utils import Cluster
 

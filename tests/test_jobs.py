@@ -8,7 +8,8 @@
 * dataset-labeling (fake engine: the mechanics): filters, exports loaded back by lhotse and datasets,
   subtitles, a rerun that resumes.
 * Each job README's `ray job submit` line, run against a Ray head started here (`ray start --head`
-  with its job server on 127.0.0.1).
+  with its job server on 127.0.0.1); its runtime env installs Quarry from the uploaded working
+  directory, as on a plain Ray cluster.
 * The job files themselves: cluster and local versions differ only in URIs and resources, and the
   READMEs and KubeRay RayJobs run the same commands.
 """
@@ -53,6 +54,9 @@ from .helpers import read_transcripts, write_jsonl
 RATE = 16_000
 JOBS = ("nightly-archive", "call-center", "dataset-labeling")
 VENV_BIN = Path(sys.executable).parent
+# Ray sets this while it builds a job's pip environment: the node's copy of the uploaded working
+# directory (pip expands ${VAR} in the requirements Ray writes).
+WORKING_DIR_VAR = "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"
 
 
 def _eval(row_id: str) -> dict:
@@ -147,11 +151,15 @@ def test_readme_and_rayjob_run_the_same_commands(name):
     assert "--address http://127.0.0.1:8265 --working-dir ." in local_submit
     runtime_env = json.loads(re.search(r"--runtime-env-json '([^']+)'", local_submit).group(1))
     assert runtime_env["env_vars"]["QUARRY_OUTPUT_ROOT"] == "/tmp/quarry-jobs"
+    # Quarry is installed from the uploaded working directory, so any Ray cluster of the pinned
+    # version runs the line (tests/test_packaging.py checks the version), not only Quarry's image.
+    assert runtime_env["pip"] == [f"{WORKING_DIR_VAR}[whisper]"]
     assert _entrypoint(local_submit) == f"quarry job jobs/{name}/job.local.yaml"
 
     cluster_submit = _readme_command(name, "ray job submit --address http://HEAD:8265")
     assert _entrypoint(cluster_submit) == f"quarry job jobs/{name}/job.yaml"
     cluster_env = json.loads(re.search(r"--runtime-env-json '([^']+)'", cluster_submit).group(1))
+    assert cluster_env["pip"] == [f"{WORKING_DIR_VAR}[gpu]"]  # the same line, with the GPU engine
 
     rayjob = yaml.safe_load((REPO / "jobs" / name / "rayjob.yaml").read_text())
     assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
@@ -160,6 +168,7 @@ def test_readme_and_rayjob_run_the_same_commands(name):
     assert spec["shutdownAfterJobFinishes"] is True
     rayjob_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert rayjob_env["env_vars"] == cluster_env["env_vars"] and rayjob_env["working_dir"].startswith("s3://")
+    assert "pip" not in rayjob_env  # the RayJob's image has Quarry installed (Dockerfile, `make image`)
     cluster = spec["rayClusterSpec"]
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     (gpu_group,) = cluster["workerGroupSpecs"]
@@ -525,7 +534,7 @@ def ray_head():
             if head.poll() is not None or time.time() > deadline:
                 pytest.fail(f"the Ray head runs no job:\n{probe.stdout[-2000:]}{probe.stderr[-2000:]}")
             time.sleep(2)
-        yield {"gcs_port": gcs_port, "dashboard_port": dashboard_port, "env": env}
+        yield {"gcs_port": gcs_port, "dashboard_port": dashboard_port, "env": env, "temp_dir": Path(temp_dir)}
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
@@ -572,3 +581,8 @@ def test_the_documented_ray_job_submit_runs_the_job_on_a_ray_head(name, ray_head
     assert summary["config"]["ray"]["address"].endswith(f":{ray_head['gcs_port']}")
     transcripts = read_transcripts(run if name == "nightly-archive" else out)
     assert all("runtime_resources/working_dir_files" in a for a in transcripts["audio"])
+    # Quarry itself was installed by pip from that copy (the runtime env's "pip" entry): Ray builds
+    # the environment once per head, the first job's setup log says so.
+    setup_logs = "\n".join(p.read_text(errors="replace")
+                           for p in ray_head["temp_dir"].glob("session_*/logs/runtime_env_setup-*.log"))
+    assert re.search(r"Successfully installed .*quarry-speech-", setup_logs), setup_logs[-4000:]
