@@ -70,6 +70,7 @@ def run(manifest: str | None, audio_pattern: str | None, skip_done_in: str | Non
             click.echo(f"found {found.n_found} audio objects, {found.n_done_before} done by earlier runs, "
                        f"{found.n_todo} to do", err=True)
             manifest = found.manifest_uri
+            cfg = cfg.reading_from(found.root)  # the listed objects, not the output's store
         result = run_job(cfg, manifest, output, overwrite=overwrite)
     except Exception as e:  # noqa: BLE001 - an engine that cannot start surfaces here through Ray
         _fail_from(e)

@@ -19,10 +19,12 @@ import pyarrow as pa
 
 from .assemble import Assembler, SubtitleWriter
 from .config import EngineConfig, JobConfig
+from .errors import CannotRun
 from .engines import preflight
 from .manifest import JSONL_LINE, Manifest, PrepareStage
 from .output import TranscriptWriter, tally_output
 from .records import transcript_schema
+from .redact import redact_uri
 from .stages import DecodeStage, InferenceStage, ScoreStage
 from .storage import arrow_filesystem, is_local, is_process_local, join_uri, url_to_fs
 from .summary import JobSummary, JobTally, RunFigures
@@ -78,8 +80,14 @@ def init_ray(cfg: JobConfig) -> None:
     )
     node_ip = ray.util.get_node_ip_address()
     if node_ip not in ("127.0.0.1", "::1"):
-        log.warning("local Ray advertises %s, not loopback: Ray was imported before quarry could "
-                    "set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0", node_ip)
+        ray.shutdown()  # it would serve the cluster network, with this job's credentials in its workers
+        raise LocalRayExposed(
+            f"local Ray advertises {node_ip}, not loopback: Ray was imported before quarry could set "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set it in the environment, or run through `quarry run`)")
+
+
+class LocalRayExposed(CannotRun, RuntimeError):
+    """A local Ray that would listen beyond loopback: the job stops before any work starts."""
 
 
 def engine_replicas(e: EngineConfig) -> int:
@@ -122,9 +130,17 @@ def read_manifest(manifest: Manifest, cfg: JobConfig):
     if manifest.format == "csv":  # a CSV file is one block at most (its header cannot be split off)
         kwargs.pop("override_num_blocks", None)
         return ray.data.read_csv(read_path, **remote, convert_options=manifest.csv_options(), **kwargs)
-    # JSONL is read as text and parsed per row (PrepareStage): a malformed line becomes one
-    # invalid_row instead of failing the read, and no type inference can split the schema.
-    return ray.data.read_text(read_path, **remote, **kwargs)
+    # JSONL is read by the manifest's own line reader, in ranges of whole lines (one Ray task and
+    # block each), and parsed per row (PrepareStage): a malformed line (bad UTF-8, not JSON, too
+    # long) becomes one invalid_row with its line number instead of failing the read, and no type
+    # inference can split the schema. A compressed file is one range, re-cut into blocks here.
+    ranges = manifest.line_ranges(cfg.engine.batch_size, MAX_READ_BLOCKS)
+    ds = ray.data.from_items([{"start": r.start, "end": r.end, "first_line": r.first_line} for r in ranges],
+                             override_num_blocks=len(ranges))
+    ds = ds.map_batches(manifest.read_ranges, batch_size=1, batch_format="pyarrow", **remote)
+    if len(ranges) == 1 and (manifest.n_rows or 0) > cfg.engine.batch_size:
+        ds = ds.repartition(target_num_rows_per_block=cfg.engine.batch_size)
+    return ds
 
 
 def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None):
@@ -184,7 +200,7 @@ def job_key(cfg: JobConfig, manifest_uri: str) -> dict[str, Any]:
     changes a row's result. Resources (replicas, batch sizes, Ray) may differ between attempts."""
     c = cfg.model_dump(mode="json")
     return {
-        "manifest": manifest_uri,
+        "manifest": redact_uri(manifest_uri),  # _quarry_job.json is an output: no presigned token in it
         "input": c["input"],
         "audio": {k: c["audio"][k] for k in ("resample_quality", "max_duration_s")},
         "engine": {k: c["engine"][k] for k in ("name", "model", "whisper", "vllm")},

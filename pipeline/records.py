@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .redact import redact_uri
+
 SAMPLE_RATE_HZ = 16_000
 """Audio leaves the decode stage, and reaches every engine, as 16 kHz mono float32."""
 
@@ -29,11 +31,13 @@ class Status(str, Enum):
     """Per-row outcome. Everything but ``OK`` is a failure reason counted in the summary."""
 
     OK = "ok"
-    INVALID_ROW = "invalid_row"  # manifest row unusable (no audio URI, bad field)
+    INVALID_ROW = "invalid_row"  # manifest row unusable (not a JSON object, bad UTF-8, no audio URI, ...)
+    FORBIDDEN_URI = "forbidden_uri"  # audio outside input.allowed_prefixes, or not a regular file (FIFO, device)
     DUPLICATE_ID = "duplicate_id"  # an earlier row of the job has the same id
     MISSING_OBJECT = "missing_object"  # audio object does not exist
     ACCESS_DENIED = "access_denied"  # storage refused the read
-    FETCH_ERROR = "fetch_error"  # storage failed after retries
+    FETCH_ERROR = "fetch_error"  # storage failed after retries (timeouts included)
+    TOO_LARGE = "too_large"  # object over audio.max_bytes, or decodes to more than audio.decode_budget_mb
     DECODE_ERROR = "decode_error"  # bytes are not decodable audio (or truncated)
     EMPTY_AUDIO = "empty_audio"  # decodes to zero samples
     INVALID_AUDIO = "invalid_audio"  # decodes, but samples are NaN / Inf
@@ -187,8 +191,10 @@ SEGMENT_TABLE_SCHEMA = pa.schema([column(n) for n in (
 # --- Ids -----------------------------------------------------------------------------------------
 
 def stable_id(audio_uri: str) -> str:
-    """A readable id that is stable across runs: file stem + hash of the full URI."""
-    stem = posixpath.splitext(posixpath.basename(audio_uri.rstrip("/")))[0] or "audio"
+    """A readable id that is stable across runs: file stem + hash of the full URI. The stem is
+    taken from the URI without its credentials (:func:`redact.redact_uri`), so a presigned token
+    never becomes part of an id."""
+    stem = posixpath.splitext(posixpath.basename(redact_uri(audio_uri).rstrip("/")))[0] or "audio"
     return f"{stem}-{hashlib.sha1(audio_uri.encode()).hexdigest()[:10]}"
 
 

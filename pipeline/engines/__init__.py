@@ -19,12 +19,9 @@ def _whisper(cfg: EngineConfig, task: TaskConfig) -> Engine:
 
 
 def _vllm(cfg: EngineConfig, task: TaskConfig) -> Engine:
-    from .prompts import KeywordLimits
     from .vllm import VllmEngine
 
-    limits = KeywordLimits(max_keywords=task.max_keywords, max_chars=task.max_keyword_chars)
-    return VllmEngine(cfg.model, cfg.vllm, device="cuda" if cfg.gpus_per_replica > 0 else "cpu",
-                      keyword_limits=limits)
+    return VllmEngine(cfg.model, cfg.vllm, device="cuda" if cfg.gpus_per_replica > 0 else "cpu")
 
 
 def _fake(cfg: EngineConfig, task: TaskConfig) -> Engine:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from ..config import JobConfig
 from ..output import INPUTS_NAME
 from ..records import carried_name, column
-from ..storage import atomic_open, join_uri, url_to_fs, write_atomic
+from ..storage import atomic_open, join_uri, store_root, url_to_fs, write_atomic
 from ..summary import JobSummary
 from .results import JobResult
 from .spec import CallCenterJob, JobError, _remove, job_config
@@ -96,7 +96,8 @@ def join_campaign_keywords(manifest_uri: str, output_uri: str, campaigns: dict[s
     """Stream the manifest into ``<output>/inputs.jsonl`` with each row's campaign keywords added to
     its ``keywords`` column (after any keywords of its own) and its audio path made absolute.
     Returns (the written manifest's URI, rows, calls per campaign that has no keyword list)."""
-    from ..manifest import Manifest, parse_keywords, resolve_audio_uri
+    from ..keywords import parse_keywords
+    from ..manifest import Manifest, resolve_audio_uri
 
     manifest = Manifest.open(manifest_uri, cfg)
     columns = cfg.input.columns
@@ -256,7 +257,9 @@ def run_call_center(job: CallCenterJob, overrides: list[str] | tuple[str, ...] =
                                                      source_cfg)
     log.info("call-center: %d calls, %d campaigns with keywords; %d calls in campaigns without keywords",
              n_rows, len(campaigns), sum(unknown.values()))
-    result = run_job(cfg, inputs, job.output, overwrite=overwrite)
+    # inputs.jsonl lives with the output; its audio may be read where the calls' own manifest allows
+    allowed = source_cfg.input.allowed_prefixes or [store_root(job.manifest)]
+    result = run_job(cfg.reading_from(*allowed), inputs, job.output, overwrite=overwrite)
     analytics, figures = write_analytics(job.output, campaigns, job.campaign_column, cfg)
     channels: dict[str, dict[str, Any]] = {}
     for call in figures:
