@@ -439,55 +439,64 @@ class PrepareStage:
         self.columns = columns
         self.task = task
         self.limits = KeywordLimits.of(task)
+        self._known = set(columns.model_dump().values()) | {f.metadata[b"source"].decode() for f in manifest.extras}
         self.committed = committed
         self._skip: np.ndarray | None = None
         self.schema = schema_of(PREPARED, manifest.extras)
 
     def rows(self, batch: pa.Table) -> list[dict[str, Any]]:
-        c = self.columns
-        manifest = self.manifest
-        other = manifest.other_columns
-        known = set(c.model_dump().values()) | {f.metadata[b"source"].decode() for f in manifest.extras}
         rows = []
-        for raw in manifest.raw_rows(batch):
-            values = raw.values
-            cell = values.get(c.audio)
-            audio = _text(cell) if isinstance(cell, str) or cell is None else None
-            row: dict[str, Any] = {
-                "id": _text(values.get(c.id)),
-                "audio": resolve_audio_uri(audio, manifest.directory) if audio else None,
-                "status": Status.OK.value,
-                "error": None,
-                "reference": _text(values.get(c.reference)),
-                "language": _text(values.get(c.language)) or self.task.language,
-                "task": _text(values.get(c.task)) or self.task.task,
-                "target_language": _text(values.get(c.target_language)) or self.task.target_language,
-                "keywords": row_keywords(self.task.keywords, values.get(c.keywords), self.limits),
-            }
-            where = f"line {raw.line}: " if raw.line is not None else ""
-            if raw.problem:
-                row["status"], row["error"] = Status.INVALID_ROW.value, raw.problem
-            elif row["audio"] is None:
-                why = "is not a string" if cell is not None and not isinstance(cell, str) else "has no value"
-                row["status"], row["error"] = Status.INVALID_ROW.value, f"{where}the {c.audio!r} column {why}"
-            else:
-                reason = refusal(row["audio"], manifest.allowed_prefixes)
-                if reason:
-                    row["status"] = Status.FORBIDDEN_URI.value
-                    row["error"] = redact_text(f"{where}{row['audio']}: {reason}")
-            if row["id"] is None:
-                row["id"] = stable_id(row["audio"]) if row["audio"] else _fallback_id(raw)
-            for field in manifest.extras:
-                if field.name == other:
-                    late = {k: v for k, v in values.items() if k not in known}
-                    row[field.name] = json.dumps(late, ensure_ascii=False, default=str) if late else None
-                    continue
-                value = values.get(field.metadata[b"source"].decode())
-                row[field.name] = _carried(value) if pa.types.is_string(field.type) else value
-            rows.append(row)
+        for raw in self.manifest.raw_rows(batch):
+            try:
+                rows.append(self._row(raw))
+            except Exception as e:  # noqa: BLE001 - one line is one row's problem, never the job's
+                where = f"line {raw.line}: " if raw.line is not None else ""
+                row = {name: None for name in self.schema.names}
+                row.update(id=_fallback_id(raw), status=Status.INVALID_ROW.value, keywords=[],
+                           error=redact_text(f"{where}cannot prepare the row: {type(e).__name__}: {e}"[:500]))
+                rows.append(row)
         if self.committed is not None and rows:
             rows = [row for row, done in zip(rows, self._is_committed([r["id"] for r in rows])) if not done]
         return rows
+
+    def _row(self, raw: RawRow) -> dict[str, Any]:
+        c = self.columns
+        manifest = self.manifest
+        values = raw.values
+        cell = values.get(c.audio)
+        audio = _text(cell) if isinstance(cell, str) or cell is None else None
+        row: dict[str, Any] = {
+            "id": _text(values.get(c.id)),
+            "audio": resolve_audio_uri(audio, manifest.directory) if audio else None,
+            "status": Status.OK.value,
+            "error": None,
+            "reference": _text(values.get(c.reference)),
+            "language": _text(values.get(c.language)) or self.task.language,
+            "task": _text(values.get(c.task)) or self.task.task,
+            "target_language": _text(values.get(c.target_language)) or self.task.target_language,
+            "keywords": row_keywords(self.task.keywords, values.get(c.keywords), self.limits),
+        }
+        where = f"line {raw.line}: " if raw.line is not None else ""
+        if raw.problem:
+            row["status"], row["error"] = Status.INVALID_ROW.value, raw.problem
+        elif row["audio"] is None:
+            why = "is not a string" if cell is not None and not isinstance(cell, str) else "has no value"
+            row["status"], row["error"] = Status.INVALID_ROW.value, f"{where}the {c.audio!r} column {why}"
+        else:
+            reason = refusal(row["audio"], manifest.allowed_prefixes)
+            if reason:
+                row["status"] = Status.FORBIDDEN_URI.value
+                row["error"] = redact_text(f"{where}{row['audio']}: {reason}")
+        if row["id"] is None:
+            row["id"] = stable_id(row["audio"]) if row["audio"] else _fallback_id(raw)
+        for field in manifest.extras:
+            if field.name == manifest.other_columns:
+                late = {k: v for k, v in values.items() if k not in self._known}
+                row[field.name] = json.dumps(late, ensure_ascii=False, default=str) if late else None
+                continue
+            value = values.get(field.metadata[b"source"].decode())
+            row[field.name] = _carried(value) if pa.types.is_string(field.type) else value
+        return row
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist(self.rows(batch), schema=self.schema)

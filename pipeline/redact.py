@@ -123,13 +123,19 @@ def redact_text(text: Any) -> Any:
     if not isinstance(text, str) or not text:
         return text
     if "://" in text:
-        text = _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+        text = _URI_IN_TEXT.sub(_redact_match, text)
     with _lock:
         secrets = sorted(_registered, key=len, reverse=True)
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, MASK)
     return text
+
+
+def _redact_match(match: re.Match) -> str:
+    uri = match.group(0)
+    core = uri.rstrip(".,:;)]}")  # punctuation that ends the sentence, not the URI
+    return redact_uri(core) + uri[len(core):]
 
 
 def redact_mapping(value: Any, key: str = "") -> Any:

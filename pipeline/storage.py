@@ -419,14 +419,19 @@ def refusal(uri: str, allowed: tuple[str, ...] | list[str]) -> str | None:
     try:
         place = _place(uri)
         prefixes = [_place(p) for p in allowed]
-    except ValueError as e:
-        return f"not a usable URI ({e})"
+    except (OSError, ValueError) as e:
+        return f"not a usable URI ({type(e).__name__})"
     if not any(_within(place, p) for p in prefixes):
         return f"outside the storage this job may read (input.allowed_prefixes: {', '.join(allowed)})"
+    if "\0" in uri:
+        return "a NUL character in the path"
     if place.scheme == "file":
-        real = _Place("file", "", os.path.realpath(place.path))
-        real_prefixes = [_Place("file", "", os.path.realpath(p.path) if p.path != "/" else "/") for p in prefixes
-                         if p.scheme == "file"]
+        try:
+            real = _Place("file", "", os.path.realpath(place.path))
+            real_prefixes = [_Place("file", "", os.path.realpath(p.path) if p.path != "/" else "/") for p in prefixes
+                             if p.scheme == "file"]
+        except (OSError, ValueError) as e:
+            return f"the path cannot be resolved ({type(e).__name__})"
         if not any(_within(real, p) for p in real_prefixes):
             return f"a link that leads outside the storage this job may read (to {real.path})"
     return None
