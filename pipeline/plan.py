@@ -19,8 +19,8 @@ import pyarrow as pa
 
 from .assemble import Assembler, SubtitleWriter
 from .config import EngineConfig, JobConfig
-from .errors import CannotRun
 from .engines import preflight
+from .errors import CannotRun
 from .manifest import JSONL_LINE, Manifest, PrepareStage
 from .output import TranscriptWriter, tally_output
 from .records import transcript_schema
