@@ -107,7 +107,7 @@ class Manifest:
     n_rows: int | None  # rows, when they can be told cheaply (progress, ETA, read blocks)
     storage_options: dict[str, Any]
     allowed_prefixes: tuple[str, ...] = ()  # where rows may read audio (input.allowed_prefixes)
-    max_line_bytes: int = 64 * 2**20  # input.max_line_bytes
+    max_line_bytes: int = 16 * 2**20  # input.max_line_bytes
     line_index: tuple[tuple[int, int], ...] = ()  # JSONL: (byte offset, line number) of some line starts
 
     @classmethod
