@@ -19,3 +19,18 @@ def read_transcripts(output: Path):
 
 def read_summary(output: Path) -> dict:
     return json.loads((output / "summary.json").read_text())
+
+
+def searchable_files(*roots: Path) -> dict[Path, bytes]:
+    """Every regular file under ``roots`` as bytes to search for a secret: Parquet files as their
+    decoded rows (their pages are compressed, so their raw bytes would hide a string), the rest raw."""
+    found: dict[Path, bytes] = {}
+    for root in roots:
+        for path in root.rglob("*"):
+            if not path.is_file() or path.is_symlink():
+                continue
+            data = path.read_bytes()
+            if path.suffix == ".parquet" and data[:4] == b"PAR1":
+                data += json.dumps(pq.read_table(path).to_pylist(), default=str, ensure_ascii=False).encode()
+            found[path] = data
+    return found

@@ -32,6 +32,7 @@ from pipeline.audio import decode_audio
 from pipeline.engines.fake import FakeEngine
 
 from .conftest import REPO
+from .helpers import searchable_files
 from .hostile import JOB_SETTINGS, SECRETS, build_hostile
 
 PEAK_PROCESS_MIB = 1024
@@ -132,7 +133,7 @@ def hostile_run(tmp_path_factory):
         log = printed.get("stdout", "") + printed.get("stderr", "")
         assert job.returncode == 0, log[-4000:]
         table = pq.read_table(out / "transcripts").to_pandas()
-        written = {p: p.read_bytes() for p in [*out.rglob("*"), *ray_tmp.rglob("*")] if p.is_file() and not p.is_symlink()}
+        written = searchable_files(out, ray_tmp)
         yield {"kinds": kinds, "out": table, "log": log, "peak_mib": peak, "peak_one": peak_one, "wall_s": wall,
                "written": written,
                "folder": folder, "summary": json.loads((out / "summary.json").read_text())}
@@ -204,6 +205,7 @@ def test_hostile_job_peak_memory_stays_under_its_bounds(hostile_run, capsys):
 def test_no_credential_from_a_uri_reaches_a_file_or_a_printed_line(hostile_run):
     written, log = hostile_run["written"], hostile_run["log"]
     assert any("ray" in str(p) and p.suffix in (".log", ".err", ".out") for p in written)  # Ray's logs were read too
+    assert any(p.suffix == ".parquet" for p in written)
     for name, secret in SECRETS.items():
         assert secret not in log, f"{name} printed"
         leaked = [str(p) for p, data in written.items() if secret.encode() in data]
