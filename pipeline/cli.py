@@ -46,9 +46,9 @@ def main(verbose: bool) -> None:
                    "(quote it), e.g. 's3://archive/calls/2026-11-*/*.wav'. The list is written to "
                    "OUTPUT/inputs.jsonl.")
 @click.option("--skip-done-in", metavar="URI",
-              help="With --audio: leave out objects that completed runs under this folder already wrote "
-                   "(e.g. the parent of nightly run_date=... outputs). Rows that failed with a retryable "
-                   "status (fetch_error, inference_error) are tried again.")
+              help="With --audio: leave out objects that earlier runs under this folder committed (e.g. the "
+                   "parent of nightly run_date=... outputs), also runs that crashed or stopped early. Rows that "
+                   "failed with a transient status (fetch_error, inference_error) are tried again.")
 @click.option("--output", required=True, metavar="URI", help="Output folder or prefix (local or s3://).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="YAML job config; without it the embedded default (local Ray, offline CPU engine) applies.")
@@ -66,6 +66,7 @@ def run(manifest: str | None, audio_pattern: str | None, skip_done_in: str | Non
     Exit status: 0 when the job completed (even with some failed rows, each carrying its reason);
     1 when failed rows exceed output.max_failed_fraction; 2 when the job could not run.
     """
+    from .claim import claim_output
     from .plan import run_job
 
     if bool(manifest) == bool(audio_pattern):
@@ -75,15 +76,19 @@ def run(manifest: str | None, audio_pattern: str | None, skip_done_in: str | Non
     try:
         cfg = load_config(config_path, overrides)
         register_secrets_in(cfg.storage.options)
-        if audio_pattern:
+        if manifest:
+            result = run_job(cfg, manifest, output, overwrite=overwrite)
+        else:
             from .discover import discover
 
-            found = discover(audio_pattern, output, skip_done_in=skip_done_in, storage_options=cfg.storage.options)
-            click.echo(f"found {found.n_found} audio objects, {found.n_done_before} done by earlier runs, "
-                       f"{found.n_todo} to do", err=True)
-            manifest = found.manifest_uri
-            cfg = cfg.reading_from(found.root)  # the listed objects, not the output's store
-        result = run_job(cfg, manifest, output, overwrite=overwrite)
+            with claim_output(output, cfg.storage.options) as claim:  # before inputs.jsonl is written there
+                found = discover(audio_pattern, output, skip_done_in=skip_done_in,
+                                 storage_options=cfg.storage.options)
+                click.echo(f"found {found.n_found} audio objects, {found.n_done_before} done by earlier runs, "
+                           f"{found.n_todo} to do", err=True)
+                # the listed objects may be read, not whatever the output's store holds
+                result = run_job(cfg.reading_from(found.root), found.manifest_uri, output, overwrite=overwrite,
+                                 claim=claim)
     except Exception as e:  # noqa: BLE001 - an engine that cannot start surfaces here through Ray
         _fail_from(e)
     click.echo(redact_text("\n".join([*result.summary.lines(),

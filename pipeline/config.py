@@ -171,6 +171,11 @@ class EngineConfig(_Section):
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1, description="Rows per engine call.")
+    max_restarts: int = Field(
+        8, ge=0,
+        description="Times Ray may replace a replica whose engine died (or whose node was lost) before the job "
+        "fails; each time its unfinished batch is redone.",
+    )
     whisper: WhisperOptions = WhisperOptions()
     vllm: VllmOptions = VllmOptions()
 

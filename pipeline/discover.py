@@ -2,7 +2,7 @@
 
 For nightly jobs over an archive that only grows there is no manifest: ``quarry run --audio
 'URI'`` lists the objects, leaves out those an earlier successful run under ``--skip-done-in``
-already wrote (any status but the retryable ones), and writes what is left as the job's
+already committed (any status but the transient ones), and writes what is left as the job's
 manifest, ``<output>/inputs.jsonl``. From there the job is an ordinary manifest job, resumable
 like any other. Ids are :func:`pipeline.records.stable_id` of the object URI, so the same object
 has the same id every night.
@@ -17,19 +17,18 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .manifest import ManifestError
 from .output import INPUTS_NAME
-from .records import Status, id_hashes, stable_id
+from .records import TRANSIENT, id_hashes, stable_id
 from .storage import atomic_open, has_scheme, join_uri, url_to_fs
-from .summary import SUMMARY_NAME, JobSummary
 
 log = logging.getLogger("quarry")
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".aiff", ".aif", ".au", ".w64", ".rf64")
-RETRYABLE = frozenset({Status.FETCH_ERROR.value, Status.INFERENCE_ERROR.value})
-"""Statuses an earlier run may have got from a passing fault: such rows are tried again."""
 
 
 @dataclass(frozen=True)
@@ -69,31 +68,32 @@ def list_audio(pattern: str, storage_options: dict[str, Any] | None = None) -> I
             yield _full_uri(fs, item, pattern)
 
 
-def done_ids(root: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """Sorted id hashes of rows that earlier *successful* runs wrote under ``root`` (``root``
-    itself, or its sub-folders one or two levels down, e.g. ``runs/run_date=2026-11-22/``),
-    leaving out rows whose status is retryable."""
+def done_ids(root: str, storage_options: dict[str, Any] | None = None, *, exclude: str | None = None) -> np.ndarray:
+    """Sorted id hashes of rows that earlier runs committed under ``root`` (``root`` itself, or
+    its sub-folders one or two levels down, e.g. ``runs/run_date=2026-11-22/``) with a final
+    answer: a run that crashed or stopped early still counts what it committed, and rows with a
+    transient status get another chance. ``exclude``: the output being written now (its own rows
+    are its resume's business, not discovery's)."""
     fs, path = url_to_fs(root, storage_options)
     path = path.rstrip("/")
-    summaries = [p for depth in ("", "/*", "/*/*") for p in fs.glob(f"{path}{depth}/{SUMMARY_NAME}")]
+    skip = url_to_fs(exclude, storage_options)[1].rstrip("/") + "/" if exclude else None
+    parts = [p for depth in ("", "/*", "/*/*") for p in fs.glob(f"{path}{depth}/transcripts/part-*.parquet")]
     hashes: list[np.ndarray] = []
-    for summary in summaries:
-        with fs.open(summary, "r") as f:
-            if not JobSummary.model_validate(json.load(f)).ok:
-                continue  # a run that failed its budget or was stopped: its rows get another chance
-        for part in fs.glob(posixpath.dirname(summary) + "/transcripts/part-*.parquet"):
-            with fs.open(part, "rb") as f:
-                table = pq.read_table(f, columns=["id", "status"])
-            ids = [i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist())
-                   if s not in RETRYABLE]
-            hashes.append(id_hashes(ids))
+    for part in parts:
+        if skip and part.startswith(skip):
+            continue
+        with fs.open(part, "rb") as f:
+            table = pq.read_table(f, columns=["id", "status"])
+        final = pc.invert(pc.is_in(table["status"], pa.array(sorted(TRANSIENT))))
+        hashes.append(id_hashes(table["id"].filter(final).to_pylist()))
     return np.unique(np.concatenate(hashes)) if hashes else np.empty(0, dtype=np.uint64)
 
 
 def discover(pattern: str, output_uri: str, *, skip_done_in: str | None = None,
              storage_options: dict[str, Any] | None = None) -> Discovery:
     """List ``pattern``, drop what earlier runs did, write ``<output>/inputs.jsonl``."""
-    done = done_ids(skip_done_in, storage_options) if skip_done_in else np.empty(0, dtype=np.uint64)
+    done = (done_ids(skip_done_in, storage_options, exclude=output_uri) if skip_done_in
+            else np.empty(0, dtype=np.uint64))
     fs, out = url_to_fs(output_uri, storage_options)
     n_found = n_todo = 0
     with atomic_open(fs, out.rstrip("/") + "/" + INPUTS_NAME, "w") as f:

@@ -8,13 +8,14 @@ against the manifest's folder and checked against the storage the job may read
 batches in its tasks (``plan.py``); the jobs and the benchmark stream them through
 :meth:`Manifest.batches` on one process.
 
-Manifests are written by other people's scripts, so no line of one can fail the job. JSONL is read
-by Quarry's own line reader (:func:`read_lines`), the same in Ray's tasks and here: lines end at
-``\n`` only (a U+2028 inside a string is text), each line keeps its number, a byte-order mark is
-dropped, and a line that is not valid UTF-8, not JSON, not a JSON object, nested too deep or longer
-than ``input.max_line_bytes`` is one ``invalid_row`` naming its line number. The columns come from
-the manifest's head; keys that first appear later are carried in one JSON text column,
-:data:`OTHER_COLUMNS` (null on rows that have none), never dropped.
+Manifests are written by other people's scripts, so no line of one can fail the job. JSONL lines
+are read as bytes by one bounded reader (:func:`read_lines`): lines end at ``\n`` only (a U+2028
+inside a string is text), a line longer than ``input.max_line_bytes`` is skipped to its end and
+never held, and each is decoded and parsed per row (:func:`parse_line`): a byte-order mark is
+dropped, and a line that is not valid UTF-8, not JSON, not a JSON object or nested too deep is one
+``invalid_row`` naming its line number. The columns come from the manifest's head; keys that first
+appear later are carried in one JSON text column, :data:`OTHER_COLUMNS` (null on rows that have
+none), never dropped.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from fsspec.utils import infer_compression
 
 from .config import ColumnsConfig, JobConfig, TaskConfig
 from .errors import CannotRun
 from .keywords import KeywordLimits, row_keywords
-from .records import PREPARED, Status, carried_name, id_hashes, schema_of, stable_id
+from .records import PREPARED, RowSet, Status, carried_name, schema_of, stable_id
 from .redact import redact_text
 from .storage import has_scheme, normalize_uri, parent_uri, refusal, store_root, url_to_fs
 
@@ -45,19 +45,15 @@ class ManifestError(CannotRun, ValueError):
     """The manifest cannot be read at all (missing, wrong format, no audio column)."""
 
 
-# A raw JSONL batch: one row per non-blank line, parsed per row (PrepareStage), never by the reader.
+# A raw JSONL batch: its rows' positions (ROW_INDEX), then per non-blank line:
 JSONL_LINE = "text"  # the line's bytes (binary: decoding is per row), null when over max_line_bytes
-JSONL_NUMBER = "line"  # its 1-based line number in the file
 JSONL_LENGTH = "length"  # its length in bytes
-JSONL_SCHEMA = pa.schema([pa.field(JSONL_NUMBER, pa.int64()), pa.field(JSONL_LINE, pa.binary()),
-                          pa.field(JSONL_LENGTH, pa.int64())])
 OTHER_COLUMNS = "other_columns"
 """JSONL only: a JSON object of the row's keys that the manifest's head did not show (null when none)."""
 
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _HEAD_BYTES = 1 << 20  # the head read for a text manifest's columns (JSONL: whole lines, at least one)
 _READ_BYTES = 1 << 20  # one read of the line reader
-_INDEX_ENTRIES = 8192  # line starts remembered for a JSONL manifest's read ranges, at most
 
 
 def detect_format(uri: str, declared: str = "auto") -> str:
@@ -85,86 +81,74 @@ def resolve_audio_uri(audio: str, manifest_dir: str) -> str:
     )
 
 
-@dataclass(frozen=True)
-class LineRange:
-    """A stretch of whole lines of a JSONL file, read by one task: bytes [start, end) (end None:
-    to the end of the file), the first of them numbered ``first_line``."""
-
-    start: int
-    end: int | None
-    first_line: int
+ROW_INDEX = "row_index"  # the raw batches' position column (records.KEY's row_index)
+OFFSET_EVERY = 16  # the counting pass keeps the byte offset of every 16th line of a plain JSONL file
+_COMPRESSED = (".gz", ".zst", ".bz2", ".xz")
 
 
 @dataclass(frozen=True)
+class ReadRange:
+    """A run of manifest rows that one reader can stream on its own."""
+
+    first_row: int
+    n_rows: int
+    start: int | None = None  # byte offsets (plain JSONL); None: from the start / to the end
+    end: int | None = None
+    row_groups: tuple[int, ...] | None = None  # Parquet row groups; None: all
+
+
+@dataclass(frozen=True, eq=False)
 class Manifest:
     """One job's manifest, described once (:meth:`open`): what every stage and report needs to
-    know about it without reading it again."""
+    know about it without reading it again.
+
+    Every row has a position (``row_index``): its line in a JSONL file (0-based, blank lines
+    counted), its record in a CSV or Parquet file. Position and content fingerprint together are
+    the row's identity across attempts, whatever its id says."""
 
     uri: str  # absolute: workers may run elsewhere, audio paths are resolved against its folder
     format: str  # jsonl | csv | parquet
     schema: pa.Schema  # its columns, from its head (Parquet: the footer's types)
     extras: tuple[pa.Field, ...]  # the columns carried through to the output
-    n_rows: int | None  # rows, when they can be told cheaply (progress, ETA, read blocks)
+    n_rows: int  # rows (JSONL: lines); positions are below this
+    fingerprint: str  # the content's identity: the store's ETag, or size and SHA-256
     storage_options: dict[str, Any]
+    offsets: np.ndarray | None = None  # plain JSONL: byte offset of lines 0, 16, 32, ...
+    row_groups: tuple[int, ...] = ()  # Parquet: rows per row group
     allowed_prefixes: tuple[str, ...] = ()  # where rows may read audio (input.allowed_prefixes)
     max_line_bytes: int = 16 * 2**20  # input.max_line_bytes
-    line_index: tuple[tuple[int, int], ...] = ()  # JSONL: (byte offset, line number) of some line starts
 
     @classmethod
     def open(cls, uri: str, cfg: JobConfig) -> "Manifest":
-        """Read the manifest's head and count its rows; refuse one without an audio column, or one
-        that is not a regular file (a FIFO would hang the job)."""
+        """Read the manifest's head, then one streamed pass (rows, line offsets, content hash);
+        refuse one without an audio column, or one that is not a regular file (a FIFO would hang
+        the job)."""
         if not has_scheme(uri):
             uri = os.path.abspath(uri)
         fmt = detect_format(uri, cfg.input.format)
+        opts = dict(cfg.storage.options)
         max_line = cfg.input.max_line_bytes
-        schema = _read_schema(uri, fmt, cfg.storage.options, max_line)
+        schema = _read_schema(uri, fmt, opts, max_line)
         empty_jsonl = fmt == "jsonl" and not schema.names  # 0 rows, fine
         if cfg.input.columns.audio not in schema.names and not empty_jsonl:
             raise ManifestError(f"manifest {redact_text(uri)} has no {cfg.input.columns.audio!r} column "
                                 f"(columns: {schema.names})")
-        n_rows, index = _count_rows(uri, fmt, cfg.storage.options)
+        extras = tuple(extra_fields(schema, fmt, cfg.input.columns))
         allowed = cfg.input.allowed_prefixes
-        return cls(uri, fmt, schema, tuple(extra_fields(schema, fmt, cfg.input.columns)), n_rows,
-                   dict(cfg.storage.options), tuple(allowed) if allowed is not None else (store_root(uri),),
-                   max_line, index)
+        allowed = tuple(allowed) if allowed is not None else (store_root(uri),)
+        try:
+            fs, path = url_to_fs(uri, opts)
+            return cls(uri, fmt, schema, extras, storage_options=opts, allowed_prefixes=allowed,
+                       max_line_bytes=max_line, **_scan(fs, path, fmt))
+        except ManifestError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any storage failure here means "cannot run"
+            raise ManifestError(f"cannot read manifest {redact_text(uri)}: {redact_text(str(e))}") from e
 
     @property
     def other_columns(self) -> str | None:
         """The name of the catch-all column (JSONL), or None."""
         return self.extras[-1].name if self.format == "jsonl" and self.extras else None
-
-    def line_ranges(self, lines_per_range: int, max_ranges: int) -> list[LineRange]:
-        """The JSONL file cut into ranges of about ``lines_per_range`` whole lines (at most
-        ``max_ranges``), for reading in parallel tasks; one range for a compressed file."""
-        if not self.line_index:
-            return [LineRange(0, None, 1)]
-        if self.n_rows:
-            lines_per_range = max(lines_per_range, -(-self.n_rows // max_ranges))
-        ranges: list[LineRange] = []
-        start, first = self.line_index[0]
-        for offset, number in self.line_index[1:]:
-            if number - first >= lines_per_range:
-                ranges.append(LineRange(start, offset, first))
-                start, first = offset, number
-        ranges.append(LineRange(start, None, first))
-        return ranges
-
-    def read_ranges(self, ranges: pa.Table) -> pa.Table:
-        """The raw JSONL rows of a table of ranges (columns start, end, first_line): how Ray's
-        read tasks call :meth:`read_range`."""
-        return pa.concat_tables([self.read_range(LineRange(**r)) for r in ranges.to_pylist()] or
-                                [JSONL_SCHEMA.empty_table()])
-
-    def read_range(self, line_range: LineRange) -> pa.Table:
-        """The raw JSONL rows of one range (:data:`JSONL_SCHEMA`)."""
-        fs, path = url_to_fs(self.uri, self.storage_options)
-        compressed = line_range.end is None and line_range.start == 0
-        with fs.open(path, "rb", compression="infer" if compressed else None) as f:
-            if line_range.start:
-                f.seek(line_range.start)
-            size = None if line_range.end is None else line_range.end - line_range.start
-            return _lines_table(list(read_lines(f, self.max_line_bytes, line_range.first_line, size)))
 
     @property
     def directory(self) -> str:
@@ -175,56 +159,139 @@ class Manifest:
         return pacsv.ConvertOptions(column_types={n: pa.string() for n in self.schema.names},
                                     strings_can_be_null=True)
 
-    def batches(self, rows_per_batch: int = 4096) -> Iterator[pa.Table]:
-        """The raw rows in batches, streamed (never the whole file), in the shape Ray's readers give
-        them (plan.py): Parquet with its types, CSV as text, JSONL as one line of text per row."""
+    def ranges(self, max_ranges: int) -> list[ReadRange]:
+        """At most ``max_ranges`` runs of rows that tile the manifest, for parallel readers. A
+        compressed or CSV file is one run (it cannot be entered in the middle)."""
+        if self.offsets is not None and len(self.offsets) > 1 and max_ranges > 1:
+            step = -(-len(self.offsets) // max_ranges)
+            marks = list(range(0, len(self.offsets), step))
+            return [ReadRange(first_row=m * OFFSET_EVERY,
+                              n_rows=min(self.n_rows, n * OFFSET_EVERY) - m * OFFSET_EVERY if n else
+                              self.n_rows - m * OFFSET_EVERY,
+                              start=int(self.offsets[m]), end=int(self.offsets[n]) if n else None)
+                    for m, n in zip(marks, [*marks[1:], None])]
+        if self.row_groups and max_ranges > 1:
+            step = -(-len(self.row_groups) // max_ranges)
+            out, first = [], 0
+            for g in range(0, len(self.row_groups), step):
+                groups = tuple(range(g, min(g + step, len(self.row_groups))))
+                n = sum(self.row_groups[i] for i in groups)
+                out.append(ReadRange(first_row=first, n_rows=n, row_groups=groups))
+                first += n
+            return out
+        return [ReadRange(first_row=0, n_rows=self.n_rows)]
+
+    def read(self, rng: ReadRange, rows_per_batch: int = 4096) -> Iterator[pa.Table]:
+        """The raw rows of ``rng`` in batches, streamed: Parquet with its types, CSV as text, JSONL
+        as one line of text per row; each batch with its rows' ``row_index``. The one reader of
+        manifests: Ray's read tasks (plan.py), the jobs and the benchmark all read through it."""
         fs, path = url_to_fs(self.uri, self.storage_options)
         if self.format == "parquet":
             with fs.open(path, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_batch):
-                    yield pa.Table.from_batches([batch])
+                parquet = pq.ParquetFile(f)
+                first = rng.first_row
+                for batch in parquet.iter_batches(batch_size=rows_per_batch, row_groups=rng.row_groups):
+                    yield _positioned(pa.Table.from_batches([batch]), first)
+                    first += batch.num_rows
         elif self.format == "csv":
             with fs.open(path, "rb", compression="infer") as f:
+                first = rng.first_row
                 for batch in pacsv.open_csv(f, convert_options=self.csv_options()):
-                    yield pa.Table.from_batches([batch])
+                    yield _positioned(pa.Table.from_batches([batch]), first)
+                    first += batch.num_rows
         else:
-            lines: list[tuple[int, bytes | None, int]] = []
-            with fs.open(path, "rb", compression="infer") as f:
-                for line in read_lines(f, self.max_line_bytes):
-                    lines.append(line)
-                    if len(lines) >= rows_per_batch:
-                        yield _lines_table(lines)
-                        lines = []
-            if lines:
-                yield _lines_table(lines)
+            yield from self._read_jsonl(fs, path, rng, rows_per_batch)
+
+    def _read_jsonl(self, fs, path: str, rng: ReadRange, rows_per_batch: int) -> Iterator[pa.Table]:
+        lines: list[tuple[int, bytes | None, int]] = []
+        size = None if rng.end is None else rng.end - (rng.start or 0)
+        with fs.open(path, "rb", compression="infer") as f:
+            if rng.start:
+                f.seek(rng.start)
+            for line in read_lines(f, self.max_line_bytes, rng.first_row, size):
+                lines.append(line)
+                if len(lines) >= rows_per_batch:
+                    yield _lines_table(lines)
+                    lines = []
+        if lines:
+            yield _lines_table(lines)
+
+    def batches(self, rows_per_batch: int = 4096) -> Iterator[pa.Table]:
+        """Every raw row, in order, streamed on this process (never the whole file)."""
+        for rng in self.ranges(1):
+            yield from self.read(rng, rows_per_batch)
 
     def raw_rows(self, batch: pa.Table) -> Iterator["RawRow"]:
         """Each row of a raw batch as a dict of its manifest columns (a JSONL line parsed here)."""
         for raw in batch.to_pylist():
+            row_index = raw.pop(ROW_INDEX)
             if self.format != "jsonl":
-                yield RawRow(raw, json.dumps(raw, sort_keys=True, default=str), None)
+                yield RawRow(row_index, raw, json.dumps(raw, sort_keys=True, default=str), None)
                 continue
-            yield parse_line(raw[JSONL_NUMBER], raw[JSONL_LINE], raw[JSONL_LENGTH], self.max_line_bytes)
+            yield parse_line(row_index, raw[JSONL_LINE], raw[JSONL_LENGTH], self.max_line_bytes)
+
+
+def _positioned(table: pa.Table, first_row: int) -> pa.Table:
+    return table.add_column(0, ROW_INDEX, pa.array(np.arange(first_row, first_row + table.num_rows), pa.int64()))
+
+
+def _scan(fs, path: str, fmt: str) -> dict[str, Any]:
+    """One streamed pass over the manifest: rows, line offsets (plain JSONL) and a content
+    fingerprint (the store's ETag when it has one, else size and SHA-256)."""
+    info = fs.info(path)
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    digest = hashlib.sha256()
+    if fmt == "parquet":
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+        if not etag:
+            with fs.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+        return {"n_rows": meta.num_rows, "row_groups": row_groups,
+                "fingerprint": f"etag:{etag}" if etag else f"size:{info.get('size')}:sha256:{digest.hexdigest()}"}
+    plain = fmt == "jsonl" and not path.lower().endswith(_COMPRESSED)
+    offsets: list[np.ndarray] = [np.zeros(1, np.int64)] if plain else []
+    lines, at, last = 0, 0, b"\n"
+    with fs.open(path, "rb", compression="infer") as f:
+        while chunk := f.read(1 << 22):
+            if not etag:
+                digest.update(chunk)
+            if plain:  # the starts of lines OFFSET_EVERY, 2 * OFFSET_EVERY, ... (after their newlines)
+                ends = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + at + 1
+                numbers = np.arange(lines + 1, lines + 1 + len(ends))
+                offsets.append(ends[numbers % OFFSET_EVERY == 0])
+            lines += chunk.count(b"\n")
+            at += len(chunk)
+            last = chunk[-1:]
+    n_rows = max(0, lines + (last != b"\n") - (fmt == "csv"))  # a last line without its newline; the CSV header
+    fingerprint = f"etag:{etag}" if etag else f"size:{at}:sha256:{digest.hexdigest()}"
+    if not plain:
+        return {"n_rows": n_rows, "fingerprint": fingerprint}
+    marks = np.concatenate(offsets)
+    return {"n_rows": n_rows, "fingerprint": fingerprint, "offsets": marks[marks < at] if at else marks[:0]}
 
 
 @dataclass(frozen=True)
 class RawRow:
+    row_index: int  # its position in the manifest
     values: dict[str, Any]  # the manifest's columns ({} when the line could not be parsed)
     origin: str  # the line as written (JSONL) or its values as JSON: an id of last resort
     problem: str | None  # why the row cannot be used, when it cannot
-    line: int | None = None  # JSONL: its line number
 
 
 # --- JSONL lines -------------------------------------------------------------------------------------
 
 
-def read_lines(f: BinaryIO, max_line_bytes: int, first_line: int = 1,
+def read_lines(f: BinaryIO, max_line_bytes: int, first_row: int = 0,
                size: int | None = None) -> Iterator[tuple[int, bytes | None, int]]:
-    """(line number, bytes, length) of each non-blank line of a binary stream, up to ``size`` bytes
-    (None: to its end). Lines end at ``\n`` only; a trailing ``\r`` is dropped. A line longer than
-    ``max_line_bytes`` comes out with bytes None (it is skipped to its end, never held), so memory
-    stays bounded whatever the file holds."""
-    number, pending, length, over = first_line, bytearray(), 0, False
+    """(position, bytes, length) of each non-blank line of a binary stream, up to ``size`` bytes
+    (None: to its end), the first line at position ``first_row`` (0-based; blank lines count).
+    Lines end at ``\n`` only; a trailing ``\r`` is dropped. A line longer than ``max_line_bytes``
+    comes out with bytes None (it is skipped to its end, never held), so memory stays bounded
+    whatever the file holds."""
+    number, pending, length, over = first_row, bytearray(), 0, False
     left = size
     while left is None or left > 0:
         chunk = f.read(_READ_BYTES if left is None else min(_READ_BYTES, left))
@@ -260,39 +327,45 @@ def _finished(number: int, pending: bytearray, length: int, over: bool) -> tuple
 
 
 def _lines_table(lines: list[tuple[int, bytes | None, int]]) -> pa.Table:
-    numbers, texts, lengths = zip(*lines) if lines else ((), (), ())
-    return pa.table([pa.array(numbers, pa.int64()), pa.array(texts, pa.binary()), pa.array(lengths, pa.int64())],
+    positions, texts, lengths = zip(*lines) if lines else ((), (), ())
+    return pa.table([pa.array(positions, pa.int64()), pa.array(texts, pa.binary()), pa.array(lengths, pa.int64())],
                     schema=JSONL_SCHEMA)
+
+
+JSONL_SCHEMA = pa.schema([pa.field(ROW_INDEX, pa.int64()), pa.field(JSONL_LINE, pa.binary()),
+                          pa.field(JSONL_LENGTH, pa.int64())])
 
 
 _BOM = "\ufeff"
 
 
-def parse_line(number: int | None, data: bytes | None, length: int | None, max_line_bytes: int) -> "RawRow":
-    """One JSONL line as a row: its JSON object, or the reason (with its line number) it is not
-    one. Never raises: a line is one row's problem, never the job's."""
-    where = f"line {number}" if number is not None else "line"
+def parse_line(row_index: int, data: bytes | None, length: int | None, max_line_bytes: int) -> "RawRow":
+    """One JSONL line (at 0-based ``row_index``) as a row: its JSON object, or the reason (naming
+    its 1-based line number) it is not one. Never raises: a line is one row's problem, never the
+    job's."""
+    where = f"line {row_index + 1}"
     if data is None:
-        return RawRow({}, f"{where}: {length} bytes", f"manifest {where} is {length} bytes, longer than "
-                      f"input.max_line_bytes ({max_line_bytes}); skipped", number)
+        return RawRow(row_index, {}, f"{where}: {length} bytes", f"manifest {where} is {length} bytes, longer "
+                      f"than input.max_line_bytes ({max_line_bytes}); skipped")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         shown = data.decode("utf-8", "backslashreplace")  # \xff: never valid JSON if written on
-        return RawRow({}, shown, f"manifest {where} is not valid UTF-8 (byte 0x{data[e.start]:02x} at "
-                      f"column {e.start + 1}): {redact_text(shown[:120])!r}", number)
+        return RawRow(row_index, {}, shown, f"manifest {where} is not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+                      f"column {e.start + 1}): {redact_text(shown[:120])!r}")
     text = text.lstrip(_BOM)  # a byte-order mark: at the file's start, or where files were joined
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        return RawRow({}, text, f"manifest {where} is not JSON ({e.msg}): {redact_text(text[:120])!r}", number)
+        return RawRow(row_index, {}, text, f"manifest {where} is not JSON ({e.msg}): {redact_text(text[:120])!r}")
     except (ValueError, RecursionError, MemoryError) as e:  # nesting too deep, a number too long, ...
-        return RawRow({}, text, f"manifest {where} cannot be read as JSON ({type(e).__name__}: "
-                      f"{str(e)[:80]}): {redact_text(text[:120])!r}", number)
+        return RawRow(row_index, {}, text, f"manifest {where} cannot be read as JSON ({type(e).__name__}: "
+                      f"{str(e)[:80]}): {redact_text(text[:120])!r}")
     if not isinstance(value, dict):
         kind = "an array" if isinstance(value, list) else "a JSON scalar"
-        return RawRow({}, text, f"manifest {where} is {kind}, not a JSON object: {redact_text(text[:120])!r}", number)
-    return RawRow(value, text, None, number)
+        return RawRow(row_index, {}, text,
+                      f"manifest {where} is {kind}, not a JSON object: {redact_text(text[:120])!r}")
+    return RawRow(row_index, value, text, None)
 
 
 def _read_schema(uri: str, fmt: str, storage_options: dict[str, Any], max_line_bytes: int) -> pa.Schema:
@@ -339,45 +412,12 @@ def _head_lines(f: BinaryIO, max_line_bytes: int) -> list[tuple[int, bytes | Non
 def _jsonl_columns(lines: list[tuple[int, bytes | None, int]], uri: str, max_line_bytes: int) -> pa.Schema:
     """Keys seen in the first lines, in order; malformed lines are left to PrepareStage."""
     names: dict[str, None] = {}
-    for number, data, length in lines:
-        row = parse_line(number, data, length, max_line_bytes)
+    for position, data, length in lines:
+        row = parse_line(position, data, length, max_line_bytes)
         names.update(dict.fromkeys(str(k) for k in row.values))
     if not names and lines:
         raise ManifestError(f"manifest {redact_text(uri)} has no JSON object in its first lines")
     return pa.schema([pa.field(n, pa.string()) for n in names])
-
-
-def _count_rows(uri: str, fmt: str, storage_options: dict[str, Any]) -> tuple[int | None, tuple[tuple[int, int], ...]]:
-    """(rows, line index): Parquet from its footer, JSONL / CSV by counting lines in one streamed
-    pass (no parsing). Rows are None when they cannot be told cheaply. For an uncompressed JSONL
-    file the pass also notes where some lines start (at most :data:`_INDEX_ENTRIES`, evenly
-    spaced), so that Ray tasks can read it in ranges of whole lines."""
-    try:
-        fs, path = url_to_fs(uri, storage_options)
-        if fmt == "parquet":
-            with fs.open(path, "rb") as f:
-                return pq.ParquetFile(f).metadata.num_rows, ()
-        indexed = fmt == "jsonl" and infer_compression(path) is None
-        index: list[tuple[int, int]] = [(0, 1)]
-        stride, lines, offset, last = 1, 0, 0, b"\n"
-        with fs.open(path, "rb", compression="infer") as f:
-            while chunk := f.read(1 << 22):
-                if indexed:
-                    ends = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
-                    numbers = lines + 2 + np.arange(len(ends))  # the line that starts after each newline
-                    keep = (numbers - 1) % stride == 0
-                    index.extend(zip((offset + ends[keep] + 1).tolist(), numbers[keep].tolist()))
-                    while len(index) > _INDEX_ENTRIES:
-                        stride *= 2
-                        index = [e for e in index if (e[1] - 1) % stride == 0]
-                lines += chunk.count(b"\n")
-                offset += len(chunk)
-                last = chunk[-1:]
-        lines += last != b"\n"  # a last line without its newline
-        index = [e for e in index if e[0] < offset] or [(0, 1)]
-        return max(0, lines - (fmt == "csv")), tuple(index) if indexed else ()  # the CSV header is not a row
-    except Exception:  # noqa: BLE001 - progress without an ETA is fine
-        return None, ()
 
 
 def extra_fields(schema: pa.Schema, fmt: str, columns: ColumnsConfig) -> list[pa.Field]:
@@ -414,10 +454,10 @@ def _text(value: Any) -> str | None:
 
 
 def _fallback_id(raw: RawRow) -> str:
-    """The id of a row with no usable audio and no id: its line number (JSONL) and a hash of what
-    it held, never its text (which may be anything)."""
+    """The id of a row with no usable audio and no id: its position and a hash of what it held,
+    never its text (which may be anything)."""
     digest = hashlib.sha1(raw.origin.encode("utf-8", "backslashreplace")).hexdigest()[:10]
-    return f"line{raw.line}-{digest}" if raw.line is not None else f"row-{digest}"
+    return f"row{raw.row_index}-{digest}"
 
 
 def _carried(value: Any) -> Any:
@@ -431,17 +471,16 @@ class PrepareStage:
     and the carried-through extras)."""
 
     def __init__(self, manifest: Manifest, columns: ColumnsConfig, task: TaskConfig,
-                 committed: Callable[[], np.ndarray] | None = None):
-        """``committed``: gives the sorted uint64 id hashes (:func:`records.id_hashes`) of rows an
-        earlier attempt already committed, fetched once per worker on first use; those rows are
-        left out (resume)."""
+                 committed: Callable[[], RowSet] | None = None):
+        """``committed``: gives the positions of rows an earlier attempt already committed,
+        fetched once per worker on first use; those rows are left out (resume)."""
         self.manifest = manifest
         self.columns = columns
         self.task = task
         self.limits = KeywordLimits.of(task)
         self._known = set(columns.model_dump().values()) | {f.metadata[b"source"].decode() for f in manifest.extras}
         self.committed = committed
-        self._skip: np.ndarray | None = None
+        self._skip: RowSet | None = None
         self.schema = schema_of(PREPARED, manifest.extras)
 
     def rows(self, batch: pa.Table) -> list[dict[str, Any]]:
@@ -450,14 +489,20 @@ class PrepareStage:
             try:
                 rows.append(self._row(raw))
             except Exception as e:  # noqa: BLE001 - one line is one row's problem, never the job's
-                where = f"line {raw.line}: " if raw.line is not None else ""
                 row = {name: None for name in self.schema.names}
-                row.update(id=_fallback_id(raw), status=Status.INVALID_ROW.value, keywords=[],
-                           error=redact_text(f"{where}cannot prepare the row: {type(e).__name__}: {e}"[:500]))
+                row.update(id=_fallback_id(raw), row_index=raw.row_index, status=Status.INVALID_ROW.value,
+                           keywords=[], error=redact_text(f"{self._where(raw)}cannot prepare the row: "
+                                                          f"{type(e).__name__}: {e}"[:500]))
                 rows.append(row)
         if self.committed is not None and rows:
-            rows = [row for row, done in zip(rows, self._is_committed([r["id"] for r in rows])) if not done]
+            if self._skip is None:
+                self._skip = self.committed()
+            done = self._skip.contains([r["row_index"] for r in rows])
+            rows = [row for row, skip in zip(rows, done) if not skip]
         return rows
+
+    def _where(self, raw: RawRow) -> str:
+        return f"line {raw.row_index + 1}: " if self.manifest.format == "jsonl" else f"row {raw.row_index}: "
 
     def _row(self, raw: RawRow) -> dict[str, Any]:
         c = self.columns
@@ -467,6 +512,7 @@ class PrepareStage:
         audio = _text(cell) if isinstance(cell, str) or cell is None else None
         row: dict[str, Any] = {
             "id": _text(values.get(c.id)),
+            "row_index": raw.row_index,
             "audio": resolve_audio_uri(audio, manifest.directory) if audio else None,
             "status": Status.OK.value,
             "error": None,
@@ -476,7 +522,7 @@ class PrepareStage:
             "target_language": _text(values.get(c.target_language)) or self.task.target_language,
             "keywords": row_keywords(self.task.keywords, values.get(c.keywords), self.limits),
         }
-        where = f"line {raw.line}: " if raw.line is not None else ""
+        where = self._where(raw)
         if raw.problem:
             row["status"], row["error"] = Status.INVALID_ROW.value, raw.problem
         elif row["audio"] is None:
@@ -500,12 +546,3 @@ class PrepareStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist(self.rows(batch), schema=self.schema)
-
-    def _is_committed(self, ids: list[str]) -> np.ndarray:
-        if self._skip is None:
-            self._skip = self.committed()
-        if not len(self._skip):
-            return np.zeros(len(ids), dtype=bool)
-        hashes = id_hashes(ids)
-        at = np.minimum(np.searchsorted(self._skip, hashes), len(self._skip) - 1)
-        return self._skip[at] == hashes

@@ -12,21 +12,21 @@ import logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-
 from .assemble import Assembler, SubtitleWriter
+from .claim import Claim, claim_output
 from .config import EngineConfig, JobConfig
 from .engines import preflight
 from .errors import CannotRun
-from .manifest import JSONL_LINE, Manifest, PrepareStage
+from .manifest import Manifest, PrepareStage
 from .output import TranscriptWriter, tally_output
 from .records import transcript_schema
 from .redact import redact_uri
 from .stages import DecodeStage, InferenceStage, ScoreStage
-from .storage import arrow_filesystem, is_local, is_process_local, join_uri, url_to_fs
+from .storage import is_process_local, join_uri, url_to_fs
 from .summary import JobSummary, JobTally, RunFigures
 
 log = logging.getLogger("quarry")
@@ -106,46 +106,51 @@ def engine_replicas(e: EngineConfig) -> int:
 
 
 def read_manifest(manifest: Manifest, cfg: JobConfig):
-    """A Ray Dataset of the manifest's raw rows, read in Ray tasks (streamed), in the same shape
-    as :meth:`Manifest.batches`. Read blocks hold about one engine batch: a block is what one decode
-    task works through and what moves on downstream as one unit, so blocks of about a batch keep
-    decode parallel and results streaming to the driver (Ray's default puts a whole small manifest
-    into a handful of blocks)."""
+    """A Ray Dataset of the manifest's raw rows, read in Ray tasks through the manifest's own reader
+    (:meth:`Manifest.read`, so every row carries its position), streamed in blocks of about one
+    engine batch: a block is what one decode task works through and what moves on downstream as
+    one unit, so blocks of about a batch keep decode parallel and results streaming to the driver."""
     import ray.data
 
-    remote = {"num_cpus": LIGHT_STAGE_CPUS}  # light: never starve the actor pool
-    fs, path = url_to_fs(manifest.uri, manifest.storage_options)
+    rows_per_block = max(cfg.engine.batch_size, -(-manifest.n_rows // MAX_READ_BLOCKS))
+    fs, _ = url_to_fs(manifest.uri, manifest.storage_options)
     if is_process_local(fs):
         # memory:// lives in this process only; workers cannot see it. The table is already in
         # this process's memory, so handing it to Ray costs nothing extra.
-        tables = list(manifest.batches()) or [pa.table({JSONL_LINE: pa.array([], pa.string())})
-                                              if manifest.format == "jsonl" else manifest.schema.empty_table()]
-        return ray.data.from_arrow(pa.concat_tables(tables))
-    kwargs: dict[str, Any] = {"filesystem": None if is_local(fs) else arrow_filesystem(fs)}
-    read_path = path if kwargs["filesystem"] is not None else os.path.abspath(path)
-    if manifest.n_rows:
-        kwargs["override_num_blocks"] = min(MAX_READ_BLOCKS, max(1, -(-manifest.n_rows // cfg.engine.batch_size)))
-    if manifest.format == "parquet":
-        return ray.data.read_parquet(read_path, **remote, **kwargs)
-    if manifest.format == "csv":  # a CSV file is one block at most (its header cannot be split off)
-        kwargs.pop("override_num_blocks", None)
-        return ray.data.read_csv(read_path, **remote, convert_options=manifest.csv_options(), **kwargs)
-    # JSONL is read by the manifest's own line reader, in ranges of whole lines (one Ray task and
-    # block each), and parsed per row (PrepareStage): a malformed line (bad UTF-8, not JSON, too
-    # long) becomes one invalid_row with its line number instead of failing the read, and no type
-    # inference can split the schema. A compressed file is one range, re-cut into blocks here.
-    ranges = manifest.line_ranges(cfg.engine.batch_size, MAX_READ_BLOCKS)
-    ds = ray.data.from_items([{"start": r.start, "end": r.end, "first_line": r.first_line} for r in ranges],
-                             override_num_blocks=len(ranges))
-    ds = ds.map_batches(manifest.read_ranges, batch_size=1, batch_format="pyarrow", **remote)
-    if len(ranges) == 1 and (manifest.n_rows or 0) > cfg.engine.batch_size:
-        ds = ds.repartition(target_num_rows_per_block=cfg.engine.batch_size)
-    return ds
+        tables = list(manifest.batches(rows_per_block))
+        return ray.data.from_arrow(tables) if tables else ray.data.from_items([])
+    return ray.data.read_datasource(_manifest_source(manifest, rows_per_block), num_cpus=0)
+
+
+def _manifest_source(manifest: Manifest, rows_per_block: int):
+    """Ray Data's view of a :class:`Manifest`: read tasks over runs of rows (byte ranges of a
+    plain JSONL file, groups of Parquet row groups, or the whole file), each streaming blocks.
+    (Made when called: Ray is imported only after :func:`init_ray` has set its environment.)"""
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    def reader(rng):
+        return lambda: manifest.read(rng, rows_per_block)
+
+    class Source(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+            return [ReadTask(reader(rng), BlockMetadata(num_rows=rng.n_rows, size_bytes=None, exec_stats=None,
+                                                        task_exec_stats=None, input_files=[manifest.uri]))
+                    for rng in manifest.ranges(max(1, parallelism))]
+
+        def get_name(self) -> str:
+            return "QuarryManifest"
+
+    return Source()
 
 
 def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None):
     """The lazy Ray Dataset of rows for the driver (``stages.scored_schema``).
-    ``committed_ref``: a Ray object ref to the id hashes of rows an earlier attempt committed."""
+    ``committed_ref``: a Ray object ref to the positions (``records.RowSet``) of rows an earlier
+    attempt committed."""
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
@@ -177,6 +182,7 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None)
         compute=ActorPoolStrategy(size=engine_replicas(e)),
         batch_format="pyarrow", batch_size=e.batch_size,
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
+        max_restarts=e.max_restarts, max_task_retries=-1,
     )
     return ds.map_batches(
         ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=e.batch_size, num_cpus=LIGHT_STAGE_CPUS
@@ -195,47 +201,66 @@ def progress_line(run: JobTally, todo: int | None, elapsed_s: float, long_in_fli
             f"ETA {eta}, {long_in_flight} long recordings in progress")
 
 
-def job_key(cfg: JobConfig, manifest_uri: str) -> dict[str, Any]:
-    """What makes two runs the same job (a rerun may resume): the input and every setting that
-    changes a row's result. Resources (replicas, batch sizes, Ray) may differ between attempts."""
+def job_key(cfg: JobConfig, manifest: Manifest) -> dict[str, Any]:
+    """What makes two runs the same job (a rerun may resume): the manifest's content and every
+    setting that changes a row's result. Resources (replicas, batch sizes, Ray) may differ between
+    attempts."""
     c = cfg.model_dump(mode="json")
     return {
-        "manifest": redact_uri(manifest_uri),  # _quarry_job.json is an output: no presigned token in it
+        # _quarry_job.json is an output: no user-info or presigned token in it
+        "manifest": {"uri": redact_uri(manifest.uri), "content": manifest.fingerprint},
         "input": c["input"],
-        "audio": {k: c["audio"][k] for k in ("resample_quality", "max_duration_s")},
+        "audio": {k: c["audio"][k] for k in ("resample_quality", "max_duration_s", "channels", "channel_names")},
+        "segment": {k: c["segment"][k] for k in ("max_s", "min_s", "overlap_s", "vad")},
         "engine": {k: c["engine"][k] for k in ("name", "model", "whisper", "vllm")},
         "task": c["task"],
         "scoring": c["scoring"],
     }
 
 
-def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bool = False) -> RunResult:
+def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bool = False,
+            claim: Claim | None = None) -> RunResult:
     """Run one job end to end and write its outputs; resume when OUTPUT holds an interrupted
-    attempt of the same job. Raises only when the job cannot run."""
+    attempt of the same job. ``claim``: the caller's claim on OUTPUT (taken here otherwise).
+    Raises only when the job cannot run."""
     started = time.time()
     clock = time.perf_counter()
     if not ray_address(cfg):
         preflight(cfg.engine)  # a local Ray's workers see this machine's files: fail before starting it
-    manifest = Manifest.open(manifest_uri, cfg)  # its head and row count, read once, before anything starts
+    manifest = Manifest.open(manifest_uri, cfg)  # its head, rows and fingerprint, read once, before anything starts
+    phases = {"manifest": time.perf_counter() - clock}
+    with nullcontext(claim) if claim else claim_output(output_uri, cfg.storage.options) as held:
+        return _run(cfg, manifest, output_uri, overwrite, held, started, clock, phases)
+
+
+def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, claim: Claim, started: float,
+         clock: float, phases: dict[str, float]) -> RunResult:
+    mark = time.perf_counter()
     schema = transcript_schema(manifest.extras)
     writer = TranscriptWriter(output_uri, schema, cfg.storage.options, cfg.output.rows_per_file,
-                              cfg.output.flush_interval_s)
-    resume = writer.prepare(overwrite, job_key(cfg, manifest.uri))
-    if resume.committed_rows:
-        log.info("resuming %s: attempt %d, %d rows already committed in %d files",
-                 output_uri, resume.attempt, resume.committed_rows, resume.committed_files)
+                              cfg.output.flush_interval_s, claim)
+    resume = writer.prepare(overwrite, job_key(cfg, manifest), manifest.n_rows)
+    if resume.committed_rows or resume.healed_rows:
+        log.info("resuming %s: attempt %d, %d rows already committed in %d files, %d with a transient status to redo",
+                 output_uri, resume.attempt, resume.committed_rows, resume.committed_files, resume.healed_rows)
+    phases["output"], mark = time.perf_counter() - mark, time.perf_counter()
     init_ray(cfg)
     import ray
 
-    committed_ref = ray.put(resume.committed_ids) if resume.committed_rows else None
+    phases["ray"], mark = time.perf_counter() - mark, time.perf_counter()
+
+    committed_ref = ray.put(resume.committed) if resume.committed_rows else None
     ds = build_dataset(cfg, manifest, committed_ref)
     assembler = Assembler(schema, cfg.scoring, SubtitleWriter(output_uri, cfg.output.subtitles, cfg.storage.options))
     run = JobTally()  # this attempt's rows, for progress and throughput
-    todo = None if manifest.n_rows is None else max(0, manifest.n_rows - resume.committed_rows)
+    todo = max(0, manifest.n_rows - resume.committed_rows)
     last_log = clock
     budget = cfg.output
     stopped_early = False
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if "first rows" not in phases:  # actors started, models loaded, the first batch through
+            phases["first rows"] = time.perf_counter() - mark
+            log.info("start-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
         run.add(writer.write(*assembler.add(batch)))
         if run.n_input >= budget.budget_min_rows and run.failed_fraction() > budget.max_failed_fraction:
             log.error("stopping: %d of %d rows failed (%s), over max_failed_fraction %g; what completed is kept",
@@ -248,6 +273,7 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
     if not stopped_early:
         run.add(writer.write(*assembler.close()))
     writer.close()
+    claim.check()
     wall = time.perf_counter() - clock
     summary = JobSummary.build(
         tally_output(writer),

@@ -50,6 +50,8 @@ class Status(str, Enum):
 
 
 OK = Status.OK.value
+TRANSIENT = frozenset({Status.FETCH_ERROR.value, Status.INFERENCE_ERROR.value})
+"""Statuses a passing fault may have caused: a rerun of the job tries such rows again."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class ColumnGroup:
 
 KEY = ColumnGroup("key", (
     pa.field("id", pa.string(), nullable=False),
+    # The row's position in the manifest (JSONL: its line, 0-based): with the manifest's content,
+    # the row's identity across attempts, also where ids repeat.
+    pa.field("row_index", pa.int64(), nullable=False),
     pa.field("audio", pa.string()),  # the resolved audio URI
 ))
 STATUS = ColumnGroup("status", (
@@ -129,7 +134,6 @@ SAMPLES = ColumnGroup("samples", (
     pa.field("samples", pa.large_binary()),  # this segment: float32 mono SAMPLE_RATE_HZ, raw bytes
 ))
 SEGMENT = ColumnGroup("segment", (  # where a row sits in its recording; the driver reassembles
-    pa.field("recording_key", pa.string()),  # unique per input row (ids may repeat in a manifest)
     pa.field("channel", pa.string()),  # null when channels are mixed
     pa.field("n_channels", pa.int32()),  # channel streams of the recording (1 when mixed)
     pa.field("segment_index", pa.int32()),
@@ -185,7 +189,7 @@ def carried_name(name: str) -> str:
 
 # One row per transcribed segment: OUTPUT/segments/ (timestamps; the recording row holds the whole).
 SEGMENT_TABLE_SCHEMA = pa.schema([column(n) for n in (
-    "id", "channel", "segment_index", "start_s", "end_s", "text", "status", "error", "avg_logprob")])
+    "id", "row_index", "channel", "segment_index", "start_s", "end_s", "text", "status", "error", "avg_logprob")])
 
 
 # --- Ids -----------------------------------------------------------------------------------------
@@ -205,3 +209,28 @@ def id_hashes(ids: Iterable[str | None]) -> np.ndarray:
         (int.from_bytes(hashlib.blake2b((i or "").encode(), digest_size=8).digest(), "little") for i in ids),
         dtype=np.uint64, count=len(ids),
     )
+
+
+class RowSet:
+    """A set of manifest positions (``row_index``) as a packed bitmap: one bit per manifest row,
+    so a million-row job's committed rows take 125 KB, whatever their ids."""
+
+    def __init__(self, n_rows: int):
+        self.n_rows = n_rows
+        self.bits = np.zeros((n_rows + 7) // 8, np.uint8)
+
+    def add(self, positions: np.ndarray | Iterable[int]) -> None:
+        at = np.asarray(positions, dtype=np.int64)
+        if at.size and (at.min() < 0 or at.max() >= self.n_rows):
+            raise ValueError(f"row positions outside 0..{self.n_rows - 1}")
+        np.bitwise_or.at(self.bits, at >> 3, (1 << (at & 7)).astype(np.uint8))
+
+    def contains(self, positions: np.ndarray | Iterable[int]) -> np.ndarray:
+        at = np.asarray(positions, dtype=np.int64)
+        inside = (at >= 0) & (at < self.n_rows)
+        out = np.zeros(at.shape, dtype=bool)
+        out[inside] = (self.bits[at[inside] >> 3] >> (at[inside] & 7)) & 1 == 1
+        return out
+
+    def __len__(self) -> int:
+        return int(np.unpackbits(self.bits).sum())

@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any, Callable
 
 import jiwer
+import pyarrow as pa
 from pydantic import BaseModel, computed_field
 
 from .config import ScoringConfig
@@ -156,3 +157,35 @@ class CorpusTally(BaseModel):
     @property
     def rate(self) -> float | None:
         return self.errors / self.ref_units if self.ref_units else None
+
+
+COUNT_COLUMNS = ("ref_words", "substitutions", "deletions", "insertions")  # what a corpus tally sums
+
+
+def add_scores(tallies: dict[tuple[str, str], CorpusTally], keys, scored: pa.Table,
+                limit: int | None = None) -> int:
+    """Sum the error counts of ``scored`` rows (SCORE columns) into ``tallies`` per (key, metric),
+    ``keys`` giving each row's key (its language, or a grouping column's value), with one vectorised
+    group-by per batch.
+
+    Past ``limit`` distinct keys, new keys are tallied under ``(other)``; returns how many scored
+    rows went there in this batch.
+    """
+    if scored.num_rows == 0:
+        return 0
+    keyed = pa.table({"key": keys, "metric": scored["metric"], "normalizer": scored["normalizer"],
+                      **{c: scored[c] for c in COUNT_COLUMNS}})
+    grouped = keyed.group_by(["key", "metric", "normalizer"], use_threads=False).aggregate(
+        [(c, "sum") for c in COUNT_COLUMNS] + [("metric", "count")])
+    overflow = 0
+    for row in grouped.to_pylist():
+        key = (row["key"], row["metric"])
+        if limit is not None and key not in tallies and len(tallies) >= limit:  # (value, metric) pairs
+            key = ("(other)", row["metric"])
+            overflow += row["metric_count"]
+        tally = tallies.setdefault(key, CorpusTally(metric=row["metric"], normalizer=row["normalizer"]))
+        if row["normalizer"] not in tally.normalizer.split("+"):
+            tally.normalizer += "+" + row["normalizer"]
+        tally.add(row["ref_words_sum"] or 0, row["substitutions_sum"] or 0, row["deletions_sum"] or 0,
+                  row["insertions_sum"] or 0, n_scored=row["metric_count"])
+    return overflow

@@ -7,8 +7,9 @@ Every stage keeps every row: a failure sets ``status`` / ``error`` and later sta
 
 from __future__ import annotations
 
+import logging
+import os
 import time
-import uuid
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Iterator
 
@@ -17,12 +18,14 @@ import pyarrow as pa
 
 from .audio import AudioError, load_audio
 from .config import AudioConfig, EngineConfig, ScoringConfig, SegmentConfig, TaskConfig
-from .engines import EngineRequest, EngineResult, load_engine
+from .engines import EngineRequest, EngineResult, is_engine_dead, load_engine
 from .records import (DECODED, ENGINE, KEYWORDS, OK, OUTPUT, PREPARED, RECORDING, SAMPLE_RATE_HZ, SAMPLES, SCORE,
                       SEGMENT, TEXT, ColumnGroup, Status, null_row, schema_of)
 from .redact import redact_text, redact_uri
 from .scoring import score_row
 from .segment import plan_segments, speech_regions
+
+log = logging.getLogger("quarry")
 
 # The groups a row holds after each stage.
 DECODED_ROW = PREPARED + (DECODED, SEGMENT, SAMPLES)
@@ -67,8 +70,7 @@ class DecodeStage:
 
     def _rows(self, row: dict) -> Iterator[dict]:
         row.update(null_row(*self.adds))
-        row.update(recording_key=uuid.uuid4().hex, n_channels=1, segment_index=0, n_segments=1, start_s=0.0,
-                   seam_overlap_s=0.0)
+        row.update(n_channels=1, segment_index=0, n_segments=1, start_s=0.0, seam_overlap_s=0.0)
         uri, row["audio"] = row["audio"], redact_uri(row["audio"])  # read with it, never output it
         if row["status"] != OK:
             yield row
@@ -190,7 +192,8 @@ class InferenceStage:
             return self.engine.transcribe(requests)
         except (MemoryError, SystemExit, KeyboardInterrupt):
             raise
-        except Exception:  # noqa: BLE001 - isolate the failing rows by retrying one by one
+        except Exception as e:  # noqa: BLE001 - isolate the failing rows by retrying one by one
+            self._die_if_dead(e)
             return [self._one(req) for req in requests]
 
     def _one(self, request: EngineRequest) -> EngineResult:
@@ -200,7 +203,19 @@ class InferenceStage:
         except (MemoryError, SystemExit, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001
+            self._die_if_dead(e)
             return EngineResult(None, Status.INFERENCE_ERROR.value, f"{type(e).__name__}: {e}")
+
+    @staticmethod
+    def _die_if_dead(error: Exception) -> None:
+        """An engine that died would turn every later row on this replica into inference_error:
+        end the actor's process instead, so that Ray restarts it (``engine.max_restarts``) and
+        retries its batch on a fresh replica."""
+        if is_engine_dead(error):
+            log.error("engine died (%s: %s); ending this replica so that Ray replaces it",
+                      type(error).__name__, error)
+            logging.shutdown()
+            os._exit(70)
 
 
 class ScoreStage:

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
-import pyarrow.fs as pafs
 import tenacity
 from fsspec.asyn import AsyncFileSystem
 
@@ -44,11 +43,6 @@ def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, policy: R
     """(fsspec filesystem, path inside it) for a URI, with request-level retries (``policy``,
     default :data:`DEFAULT_RETRY`) set up where the store takes them (s3://)."""
     return fsspec.core.url_to_fs(uri, **storage_options_for(uri, storage_options, policy or DEFAULT_RETRY))
-
-
-def arrow_filesystem(fs) -> pafs.FileSystem:
-    """A pyarrow filesystem over an fsspec one, for Ray Data readers."""
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
 from .records import OK
-from .scoring import CorpusTally
+from .scoring import CorpusTally, add_scores
 from .storage import join_uri, url_to_fs, write_atomic
 
 SUMMARY_NAME = "summary.json"
@@ -41,17 +42,19 @@ class JobTally:
     )
 
     def add(self, batch: pa.Table) -> None:
-        for row in batch.select(list(self.COLUMNS)).to_pylist():
-            self.n_input += 1
-            self.by_status[row["status"]] += 1
-            self.audio_s_decoded += row["duration_s"] or 0.0
-            self.inference_s += row["inference_s"] or 0.0
-            if row["status"] == OK:
-                self.audio_s += row["duration_s"] or 0.0
-            if row["metric"]:
-                key = (row["language"] or "unknown", row["metric"])
-                tally = self.scores.setdefault(key, CorpusTally(metric=row["metric"], normalizer=row["normalizer"]))
-                tally.add(row["ref_words"], row["substitutions"], row["deletions"], row["insertions"])
+        """Add a batch of output rows, column by column (no per-row Python)."""
+        if not batch.num_rows:
+            return
+        t = batch.select(list(self.COLUMNS))
+        self.n_input += t.num_rows
+        counts = pc.value_counts(t["status"]).flatten()
+        self.by_status.update(dict(zip(counts[0].to_pylist(), counts[1].to_pylist(), strict=True)))
+        ok = pc.equal(t["status"], OK)
+        self.audio_s_decoded += pc.sum(t["duration_s"]).as_py() or 0.0
+        self.audio_s += pc.sum(t["duration_s"].filter(ok)).as_py() or 0.0
+        self.inference_s += pc.sum(t["inference_s"]).as_py() or 0.0
+        scored = t.filter(pc.is_valid(t["metric"]))
+        add_scores(self.scores, pc.fill_null(scored["language"], "unknown"), scored)
 
     @property
     def n_ok(self) -> int:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -19,6 +23,15 @@ def read_transcripts(output: Path):
 
 def read_summary(output: Path) -> dict:
     return json.loads((output / "summary.json").read_text())
+
+
+def quarry_run(manifest, out, *sets: str, env: dict | None = None) -> subprocess.Popen:
+    """``quarry run`` in its own process group (so a test can kill the driver and its local Ray
+    together), with the fake engine and the given ``--set`` overrides; output is captured."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--manifest", str(manifest), "--output", str(out),
+           "--set", "engine.name=fake", *[a for s in sets for a in ("--set", s)]]
+    return subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def searchable_files(*roots: Path) -> dict[Path, bytes]:

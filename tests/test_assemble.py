@@ -15,7 +15,7 @@ BASE = dict(
     target_language=None, duration_s=60.0, source_sample_rate=16000, source_channels=1, engine="fake", model="m",
     avg_logprob=-0.2, inference_s=1.0, finished_at=None, prompt=None, metric=None, normalizer=None, ref_words=None,
     substitutions=None, deletions=None, insertions=None, wer=None, segments=1, channel_texts=None, overlap_s=None,
-    conversation=None, recording_key="k1", channel=None, n_channels=1, segment_index=0, n_segments=1,
+    conversation=None, row_index=0, channel=None, n_channels=1, segment_index=0, n_segments=1,
     seam_overlap_s=0.0, speech=None,
 )
 

@@ -41,10 +41,10 @@ def make_output(root: Path, audio_dir: Path) -> Path:
     """A Quarry output over real audio files, in two Parquet parts."""
     audio_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for row_id, (status, language, task, target, duration_s, rate, channels, logprob) in ROWS.items():
+    for i, (row_id, (status, language, task, target, duration_s, rate, channels, logprob)) in enumerate(ROWS.items()):
         path = audio_dir / f"{row_id}.flac"
         row = dict.fromkeys(TRANSCRIPT_COLUMNS)
-        row.update(id=row_id, audio=str(path), status=status, language=language, task=task, target_language=target,
+        row.update(id=row_id, row_index=i, audio=str(path), status=status, language=language, task=task, target_language=target,
                    reference=f"reference of {row_id}", duration_s=duration_s, source_sample_rate=rate,
                    source_channels=channels)
         if status == "ok":

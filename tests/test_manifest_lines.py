@@ -55,6 +55,7 @@ def _by_line(rows):
 
 @pytest.mark.parametrize("name", ["m.jsonl", "m.jsonl.gz"])
 def test_both_jsonl_readers_give_the_same_rows_for_every_odd_line(ray_session, tmp_path, monkeypatch, name):
+    """Ray's read tasks and Manifest.batches run the same bounded line reader and parser."""
     from pipeline.plan import read_manifest
 
     monkeypatch.setattr(manifest_module, "_HEAD_BYTES", 100)  # the head: the first two lines
@@ -88,19 +89,19 @@ def test_the_head_reads_a_long_first_line_whole_and_sees_its_columns(tmp_path):
     assert [f.name for f in manifest.extras] == ["other_columns"]
 
 
-def test_line_ranges_cover_every_line_exactly_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(manifest_module, "_INDEX_ENTRIES", 64)  # coarsen the index many times
+def test_read_ranges_of_a_long_file_cover_every_line_exactly_once(tmp_path):
     lines = [json.dumps({"id": str(i), "audio": f"{i}.wav"}).encode() + (b"\r" if i % 7 == 0 else b"")
              for i in range(5000)]
-    lines[10] = b""  # a blank line keeps its number but makes no row
+    lines[10] = b""  # a blank line keeps its position but makes no row
+    lines[20] = b'{"id": "big", "audio": "' + b"x" * 5000 + b'"}'  # over max_line_bytes: skipped, still a row
     path = _write(tmp_path, lines)
     manifest = Manifest.open(str(path), _cfg())
-    assert len(manifest.line_index) <= 64
-    ranges = manifest.line_ranges(8, 4096)
-    assert 32 <= len(ranges) <= 64 and ranges[0].start == 0 and ranges[-1].end is None
-    numbers = [n for r in ranges for n in manifest.read_range(r).column("line").to_pylist()]
-    assert numbers == [n for n in range(1, 5001) if n != 11]
-    assert len(manifest.line_ranges(8, 10)) <= 10  # at most max_ranges
+    ranges = manifest.ranges(64)
+    assert 32 <= len(ranges) <= 64 and ranges[0].start in (0, None) and ranges[-1].end is None
+    positions = [p for r in ranges for t in manifest.read(r, 100) for p in t.column("row_index").to_pylist()]
+    assert positions == [p for p in range(5000) if p != 10]
+    big = [r for t in manifest.batches() for r in manifest.raw_rows(t) if r.row_index == 20]
+    assert "line 21 is 5026 bytes, longer than input.max_line_bytes" in big[0].problem
 
 
 def test_a_line_over_the_limit_is_skipped_to_its_end_never_held(tmp_path):
@@ -108,7 +109,7 @@ def test_a_line_over_the_limit_is_skipped_to_its_end_never_held(tmp_path):
 
     data = b'{"a": 1}\n' + b"z" * 5000 + b"\n" + b'{"b": 2}'
     out = list(read_lines(io.BytesIO(data), max_line_bytes=1024))
-    assert out == [(1, b'{"a": 1}', 8), (2, None, 5000), (3, b'{"b": 2}', 8)]
+    assert out == [(0, b'{"a": 1}', 8), (1, None, 5000), (2, b'{"b": 2}', 8)]  # (position, bytes, length)
 
 
 def test_keywords_reach_every_engine_cleaned_and_bounded(tmp_path):

@@ -51,7 +51,7 @@ def _rows(with_time: bool) -> list[dict]:
     out = []
     for i, (row_id, language, speaker, reference, hypothesis, duration_s) in enumerate(ROWS):
         row = dict.fromkeys(TRANSCRIPT_COLUMNS)
-        row.update(id=row_id, audio=f"s3://bucket/audio/{row_id}.flac", reference=reference, language=language,
+        row.update(id=row_id, row_index=i, audio=f"s3://bucket/audio/{row_id}.flac", reference=reference, language=language,
                    task="transcribe", speaker=speaker)
         if hypothesis is None:
             row["status"], row["error"] = FAILED[row_id]

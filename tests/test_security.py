@@ -181,10 +181,11 @@ def _prepare(manifest_uri: str, audio_cells: list, allowed: list[str] | None = N
 
     cfg = load_config(None, ["engine.name=fake"])
     schema = pa.schema([pa.field("id", pa.string()), pa.field("audio", pa.string())])
-    manifest = Manifest(manifest_uri, "jsonl", schema, tuple(extra_fields(schema, "jsonl", cfg.input.columns)), None,
-                        {}, tuple(allowed) if allowed is not None else (store_root(manifest_uri),))
+    manifest = Manifest(manifest_uri, "jsonl", schema, tuple(extra_fields(schema, "jsonl", cfg.input.columns)),
+                        n_rows=len(audio_cells), fingerprint="test", storage_options={},
+                        allowed_prefixes=tuple(allowed) if allowed is not None else (store_root(manifest_uri),))
     lines = [json.dumps({"id": str(n), "audio": a}).encode() for n, a in enumerate(audio_cells)]
-    batch = pa.table([pa.array(range(1, len(lines) + 1), pa.int64()), pa.array(lines, pa.binary()),
+    batch = pa.table([pa.array(range(len(lines)), pa.int64()), pa.array(lines, pa.binary()),
                       pa.array([len(x) for x in lines], pa.int64())], schema=JSONL_SCHEMA)
     return {r["id"]: r for r in PrepareStage(manifest, cfg.input.columns, cfg.task).rows(batch)}
 

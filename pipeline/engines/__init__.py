@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..config import EngineConfig, TaskConfig
-from .base import Engine, EngineRequest, EngineResult, EngineUnavailable
+from .base import Engine, EngineDead, EngineRequest, EngineResult, EngineUnavailable, is_engine_dead
 
 
 def _whisper(cfg: EngineConfig, task: TaskConfig) -> Engine:
@@ -54,4 +54,5 @@ def load_engine(cfg: EngineConfig, task: TaskConfig | None = None) -> Engine:
     return ENGINES[cfg.name](cfg, task or TaskConfig())
 
 
-__all__ = ["Engine", "EngineRequest", "EngineResult", "EngineUnavailable", "load_engine", "preflight"]
+__all__ = ["Engine", "EngineDead", "EngineRequest", "EngineResult", "EngineUnavailable", "is_engine_dead",
+           "load_engine", "preflight"]

@@ -20,6 +20,26 @@ class EngineUnavailable(CannotRun, RuntimeError):
     """The engine or its model cannot be loaded here; the message says what is missing."""
 
 
+class EngineDead(RuntimeError):
+    """The engine itself has failed (not one request): its replica must be replaced."""
+
+
+# Failures after which a replica cannot be trusted with another request: vLLM's engine-dead error,
+# CUDA faults and GPU memory exhaustion (torch raises them as RuntimeError subclasses).
+_DEAD_TYPES = frozenset({"EngineDead", "EngineDeadError", "OutOfMemoryError", "AcceleratorError"})
+_DEAD_MESSAGES = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "CUDA out of memory")
+
+
+def is_engine_dead(error: BaseException) -> bool:
+    """True when ``error`` (or one it was raised from) says the engine died rather than a request failed."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if type(seen).__name__ in _DEAD_TYPES or any(m in str(seen) for m in _DEAD_MESSAGES):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 @dataclass(frozen=True)
 class EngineRequest:
     """One unit of work for an engine: a clip of audio and what to do with it."""

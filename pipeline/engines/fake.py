@@ -4,19 +4,24 @@ Its text is a fingerprint of the audio, so different audio gives different text 
 check that results land on the right rows. Test hooks: a request whose id starts with
 ``fail-engine`` raises (as a broken model call would); one whose id starts with ``slow-engine``
 takes ``SLOW_S`` seconds (so a test can act while the engine is busy, e.g. kill its actor); one
-with language ``xx`` is unsupported.
+with language ``xx`` is unsupported. With ``engine.model: "die-once:<path>"`` the engine dies (as
+vLLM's engine-dead error) on its first ``die-engine*`` request if ``<path>`` does not exist yet,
+creating it, and fails every later request: the first replica dies once, its replacement works. With ``engine.model:
+"fail-while:<path>"``, ``fail-engine*`` requests fail only while ``<path>`` exists (a fault that
+goes away).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..records import Status
-from .base import EngineRequest, EngineResult
+from .base import EngineDead, EngineRequest, EngineResult
 
 SLOW_S = 0.25  # seconds a ``slow-engine*`` request takes
 
@@ -26,17 +31,31 @@ class FakeEngine:
 
     def __init__(self, model: str = "fingerprint"):
         self.model = model
+        self._dead = False
 
     @staticmethod
     def fingerprint(samples: np.ndarray) -> str:
         digest = hashlib.sha1(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()[:8]
         return f"audio {digest} of {len(samples)} samples"
 
+    def _failing(self) -> bool:
+        if self.model.startswith("fail-while:"):
+            return Path(self.model.removeprefix("fail-while:")).exists()
+        return True
+
     def transcribe(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
         results = []
         for req in requests:
-            if req.id.startswith("fail-engine"):
+            if req.id.startswith("fail-engine") and self._failing():
                 raise RuntimeError(f"fake engine failure for {req.id}")
+            if self._dead:
+                raise EngineDead("fake engine is dead")  # as a dead vLLM engine: every later call fails
+            if req.id.startswith("die-engine") and self.model.startswith("die-once:"):
+                marker = Path(self.model.removeprefix("die-once:"))
+                if not marker.exists():
+                    marker.touch()
+                    self._dead = True
+                    raise EngineDead(f"fake engine died on {req.id}")
             if req.id.startswith("slow-engine"):
                 time.sleep(SLOW_S)
             if req.language == "xx":

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..claim import claim_output
 from ..config import JobConfig
 from ..output import INPUTS_NAME
 from ..records import carried_name, column
@@ -251,16 +252,17 @@ def run_call_center(job: CallCenterJob, overrides: list[str] | tuple[str, ...] =
                        f"got {cfg.audio.channels!r}")
     source_cfg = job_config(job.config, overrides)  # how to read the calls' own manifest
     campaigns = read_campaigns(job.campaigns, cfg.storage.options)
-    if overwrite:
-        _remove(join_uri(job.output, ANALYTICS_DIR), cfg.storage.options)
-    inputs, n_rows, unknown = join_campaign_keywords(job.manifest, job.output, campaigns, job.campaign_column,
-                                                     source_cfg)
-    log.info("call-center: %d calls, %d campaigns with keywords; %d calls in campaigns without keywords",
-             n_rows, len(campaigns), sum(unknown.values()))
     # inputs.jsonl lives with the output; its audio may be read where the calls' own manifest allows
     allowed = source_cfg.input.allowed_prefixes or [store_root(job.manifest)]
-    result = run_job(cfg.reading_from(*allowed), inputs, job.output, overwrite=overwrite)
-    analytics, figures = write_analytics(job.output, campaigns, job.campaign_column, cfg)
+    with claim_output(job.output, cfg.storage.options) as claim:  # before inputs.jsonl is written
+        if overwrite:
+            _remove(join_uri(job.output, ANALYTICS_DIR), cfg.storage.options)
+        inputs, n_rows, unknown = join_campaign_keywords(job.manifest, job.output, campaigns, job.campaign_column,
+                                                         source_cfg)
+        log.info("call-center: %d calls, %d campaigns with keywords; %d calls in campaigns without keywords",
+                 n_rows, len(campaigns), sum(unknown.values()))
+        result = run_job(cfg.reading_from(*allowed), inputs, job.output, overwrite=overwrite, claim=claim)
+        analytics, figures = write_analytics(job.output, campaigns, job.campaign_column, cfg)
     channels: dict[str, dict[str, Any]] = {}
     for call in figures:
         for c in call["channels"]:

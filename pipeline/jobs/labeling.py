@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..claim import claim_output
 from ..storage import join_uri
 from ..summary import JobSummary
 from .results import JobResult
@@ -42,12 +43,13 @@ def run_dataset_labeling(job: DatasetLabelingJob, overrides: list[str] | tuple[s
 
     before = () if job.subtitles is None else (f"output.subtitles=[{', '.join(job.subtitles)}]",)
     cfg = job_config(job.config, overrides, before=before)
-    if overwrite:
-        _remove(join_uri(job.output, EXPORTS_DIR), cfg.storage.options)
-    result = run_job(cfg, job.manifest, job.output, overwrite=overwrite)
     filters = job.filters.model_dump()
     exports = {}
-    for fmt in dict.fromkeys(job.exports):
-        dest = join_uri(job.output, EXPORTS_DIR, EXPORT_FILES[fmt])
-        exports[fmt] = export(job.output, fmt, dest, storage_options=cfg.storage.options, **filters)
+    with claim_output(job.output, cfg.storage.options) as claim:
+        if overwrite:
+            _remove(join_uri(job.output, EXPORTS_DIR), cfg.storage.options)
+        result = run_job(cfg, job.manifest, job.output, overwrite=overwrite, claim=claim)
+        for fmt in dict.fromkeys(job.exports):
+            dest = join_uri(job.output, EXPORTS_DIR, EXPORT_FILES[fmt])
+            exports[fmt] = export(job.output, fmt, dest, storage_options=cfg.storage.options, **filters)
     return LabelingResult(job.output, result.summary, exports, filters, list(cfg.output.subtitles))

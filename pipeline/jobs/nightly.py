@@ -8,11 +8,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..claim import claim_output
 from ..config import JobConfig
 from ..storage import join_uri, url_to_fs, write_atomic
 from ..summary import JobSummary
 from .results import JobResult
-from .spec import JobError, NightlyArchiveJob, _remove, job_config
+from .spec import JobError, NightlyArchiveJob, job_config
 
 log = logging.getLogger("quarry")
 
@@ -104,12 +105,12 @@ def run_nightly(job: NightlyArchiveJob, run_date: str, overrides: list[str] | tu
     cfg = job_config(job.config, overrides)
     opts = cfg.storage.options
     output = join_uri(job.output_root, f"run_date={run_date}")
-    if overwrite:  # redo the date: its earlier rows must not count as done by an earlier run
-        _remove(output, opts)
-    found = discover(job.audio, output, skip_done_in=job.output_root, storage_options=opts)
-    log.info("nightly %s: %d audio objects, %d done by earlier runs, %d to do", run_date, found.n_found,
-             found.n_done_before, found.n_todo)
-    result = run_job(cfg.reading_from(found.root), found.manifest_uri, output)
+    with claim_output(output, opts) as claim:  # before inputs.jsonl is written into the partition
+        # The date's own rows never count as done by an earlier run (discover leaves its output out).
+        found = discover(job.audio, output, skip_done_in=job.output_root, storage_options=opts)
+        log.info("nightly %s: %d audio objects, %d done by earlier runs, %d to do", run_date, found.n_found,
+                 found.n_done_before, found.n_todo)
+        result = run_job(cfg.reading_from(found.root), found.manifest_uri, output, overwrite=overwrite, claim=claim)
     canary = _canary_gate(job, cfg, run_date, record=result.ok) if job.canary else None
     return NightlyResult(run_date, output, found.n_found, found.n_done_before, found.n_todo, result.summary, canary)
 

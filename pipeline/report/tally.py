@@ -17,12 +17,11 @@ import pyarrow.compute as pc
 
 from ..errors import CannotRun
 from ..records import OK
-from ..scoring import CorpusTally
+from ..scoring import COUNT_COLUMNS, CorpusTally, add_scores
 
 TIME_COLUMN = "finished_at"  # per-row completion time; throughput over time needs it
-_COUNT_COLUMNS = ("ref_words", "substitutions", "deletions", "insertions")
 COLUMNS = ("id", "status", "error", "text", "reference", "language", "duration_s", "inference_s",
-           "metric", "normalizer", "wer", *_COUNT_COLUMNS)  # what the page reads of each row
+           "metric", "normalizer", "wer", *COUNT_COLUMNS)  # what the page reads of each row
 DURATION_RES = 2  # duration histogram kept at 1/2 s resolution while streaming
 _DURATION_CAP_S = 86_400  # longer rows land in the last bin
 MAX_GROUPS = 10_000  # distinct values tallied per grouping column; the rest count as "(other)"
@@ -81,7 +80,7 @@ class ReportTally:
         self.durations_ok = _add_bins(self.durations_ok, durations.filter(ok))
         self.durations_failed = _add_bins(self.durations_failed, durations.filter(pc.invert(ok)))
         scored = table.filter(pc.is_valid(table["metric"]))
-        _add_scores(self.scores, pc.fill_null(scored["language"], "unknown"), scored)  # as summary.json
+        add_scores(self.scores, pc.fill_null(scored["language"], "unknown"), scored)  # as summary.json
         for column in self.group_by:
             self._add_group(column, scored)
         if self.has_time:
@@ -102,7 +101,7 @@ class ReportTally:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                 raise ReportError(f"cannot group by {column!r}: its type {values.type} has no text form") from e
         tallies = self.group_scores.setdefault(column, {})
-        self.group_overflow[column] += _add_scores(tallies, pc.fill_null(values, "(none)"), scored, limit=MAX_GROUPS)
+        self.group_overflow[column] += add_scores(tallies, pc.fill_null(values, "(none)"), scored, limit=MAX_GROUPS)
 
     def _add_times(self, ok: pa.Table) -> None:
         times = ok[TIME_COLUMN]
@@ -124,7 +123,7 @@ class ReportTally:
         rated = rated.append_column("errors", errors)
         # Only this batch's top `worst` can enter the running top list.
         top = rated.take(pc.select_k_unstable(rated, self.worst, [("wer", "descending"), ("errors", "descending")]))
-        columns = ["id", "language", "metric", "normalizer", "wer", "errors", "text", "reference", *_COUNT_COLUMNS]
+        columns = ["id", "language", "metric", "normalizer", "wer", "errors", "text", "reference", *COUNT_COLUMNS]
         for row in top.select(columns).to_pylist():
             self._seq += 1
             item = _Ranked(row["wer"], row["errors"], -self._seq, row)
@@ -157,30 +156,3 @@ def _add_bins(bins: np.ndarray, durations) -> np.ndarray:
         bins = np.pad(bins, (0, counts.size - bins.size))
     bins[: counts.size] += counts
     return bins
-
-
-def _add_scores(tallies: dict[tuple[str, str], CorpusTally], keys, scored: pa.Table,
-                limit: int | None = None) -> int:
-    """Sum error counts per (key, metric) with one vectorised group-by per batch.
-
-    Past ``limit`` distinct keys, new keys are tallied under ``(other)``; returns how many scored
-    rows went there in this batch.
-    """
-    if scored.num_rows == 0:
-        return 0
-    keyed = pa.table({"key": keys, "metric": scored["metric"], "normalizer": scored["normalizer"],
-                      **{c: scored[c] for c in _COUNT_COLUMNS}})
-    grouped = keyed.group_by(["key", "metric", "normalizer"], use_threads=False).aggregate(
-        [(c, "sum") for c in _COUNT_COLUMNS] + [("metric", "count")])
-    overflow = 0
-    for row in grouped.to_pylist():
-        key = (row["key"], row["metric"])
-        if limit is not None and key not in tallies and len(tallies) >= limit:  # (value, metric) pairs
-            key = ("(other)", row["metric"])
-            overflow += row["metric_count"]
-        tally = tallies.setdefault(key, CorpusTally(metric=row["metric"], normalizer=row["normalizer"]))
-        if row["normalizer"] not in tally.normalizer.split("+"):
-            tally.normalizer += "+" + row["normalizer"]
-        tally.add(row["ref_words_sum"] or 0, row["substitutions_sum"] or 0, row["deletions_sum"] or 0,
-                  row["insertions_sum"] or 0, n_scored=row["metric_count"])
-    return overflow

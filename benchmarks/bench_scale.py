@@ -1,0 +1,114 @@
+"""The driver at scale, side by side in one run (``make bench-scale``, or
+``python -m benchmarks.bench_scale --help``): jobs of N and 10 x N rows with the fake engine, each a
+real ``quarry run`` in a child process, and for each the driver's peak memory, its CPU seconds per
+output row and the rows per second the whole job reached.
+
+The driver's CPU is its own process's (every thread of it: Ray Data's executor included; not the
+local Ray it starts, nor the workers), sampled every 0.1 s, so the last tenth of a second of
+shut-down may be missed. ``cpu/row`` divides it by the rows; ``marginal cpu/row`` is the
+difference between the two jobs over the difference in rows, which leaves out the fixed start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import soundfile as sf
+
+from pipeline.records import SAMPLE_RATE_HZ
+from pipeline.summary import JobSummary
+
+
+@dataclass(frozen=True)
+class ScaleRun:
+    rows: int
+    wall_s: float
+    driver_peak_mib: float
+    driver_cpu_s: float
+    n_ok: int
+
+    @property
+    def cpu_us_per_row(self) -> float:
+        return 1e6 * self.driver_cpu_s / self.rows
+
+
+HEADER = f"{'rows':>9} {'wall s':>8} {'rows/s':>8} {'driver MiB':>11} {'driver cpu s':>13} {'cpu/row us':>11} {'ok':>9}"
+
+
+def _line(r: ScaleRun) -> str:
+    return (f"{r.rows:>9} {r.wall_s:>8.1f} {r.rows / r.wall_s:>8.0f} {r.driver_peak_mib:>11.0f} "
+            f"{r.driver_cpu_s:>13.2f} {r.cpu_us_per_row:>11.1f} {r.n_ok:>9}")
+
+
+def measure(manifest: Path, out: Path, rows: int, sets: list[str]) -> ScaleRun:
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--manifest", str(manifest), "--output", str(out),
+           "--overwrite", *[a for s in sets for a in ("--set", s)]]
+    started = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = psutil.Process(child.pid)
+    peak, cpu = 0.0, 0.0
+    while child.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss / 2**20)
+            times = proc.cpu_times()
+            cpu = times.user + times.system
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+        time.sleep(0.1)
+    wall = time.perf_counter() - started
+    log = child.stdout.read() if child.stdout else ""
+    if child.returncode != 0:
+        raise RuntimeError(f"quarry run failed ({child.returncode}):\n{log[-3000:]}")
+    summary = JobSummary.read(str(out))
+    return ScaleRun(summary.n_input, wall, peak, cpu, summary.n_ok)
+
+
+def run(rows: int, sets: list[str]) -> list[ScaleRun]:
+    work = Path(tempfile.mkdtemp(prefix="quarry-bench-scale-"))
+    try:
+        clip = work / "clip.wav"  # one second of noise: decode costs little, the driver is what is measured
+        sf.write(clip, (np.random.default_rng(0).standard_normal(SAMPLE_RATE_HZ) * 0.01).astype(np.float32),
+                 SAMPLE_RATE_HZ)
+        results = []
+        for n in (rows, rows * 10):
+            manifest = work / f"m{n}.jsonl"
+            with manifest.open("w") as f:
+                for i in range(n):
+                    f.write(json.dumps({"id": f"r{i:08d}", "audio": "clip.wav"}) + "\n")
+            results.append(measure(manifest, work / f"out{n}", n, sets))
+            print(_line(results[-1]), flush=True)
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=20_000, help="rows of the smaller job (the larger has 10x)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides for both jobs (defaults: fake engine, batches of 512, rows_per_file "
+                             "50000)")
+    args = parser.parse_args(argv)
+    sets = ["engine.name=fake", "engine.batch_size=512", "segment.rows_per_batch=512", "output.rows_per_file=50000",
+            "output.progress_interval_s=1000", *args.overrides]
+    print(f"settings: {' '.join(sets)}")
+    print(HEADER, flush=True)
+    small, large = run(args.rows, sets)
+    marginal = 1e6 * (large.driver_cpu_s - small.driver_cpu_s) / (large.rows - small.rows)
+    print(f"driver peak memory, large / small: {large.driver_peak_mib / small.driver_peak_mib:.2f}")
+    print(f"driver cpu per row: {small.cpu_us_per_row:.1f} us (small), {large.cpu_us_per_row:.1f} us (large), "
+          f"marginal {marginal:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
