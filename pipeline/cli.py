@@ -6,6 +6,7 @@ Thin on purpose: parse arguments, load the config, call plan.run_job, report.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 
@@ -13,6 +14,12 @@ import click
 
 from .config import load_config
 from .errors import CannotRun, ExitCode
+from .redact import install_log_scrubber, redact_text, register_secret, register_secrets_in
+
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
+              "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS",
+              "HF_TOKEN", "RAY_AUTH_TOKEN")
+"""Environment variables whose values are credentials: scrubbed from anything this process prints."""
 
 
 def _version() -> str:
@@ -32,6 +39,10 @@ def main(verbose: bool) -> None:
     """Quarry transcribes (or translates) every recording in a manifest and scores WER where
     references exist. Results are Parquet files under OUTPUT/transcripts/ plus OUTPUT/summary.json.
     """
+    # Credentials never reach a log line or a message: every record this process logs is
+    # scrubbed (URIs' user-info and tokens, and the job's own credentials wherever they appear).
+    install_log_scrubber()
+    register_secret(*(os.environ.get(name) for name in SECRET_ENV))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("quarry").setLevel(logging.INFO)
 
@@ -75,6 +86,7 @@ def run(manifest: str | None, audio_pattern: str | None, skip_done_in: str | Non
         raise click.UsageError("--skip-done-in goes with --audio")
     try:
         cfg = load_config(config_path, overrides)
+        register_secrets_in(cfg.storage.options)
         if manifest:
             result = run_job(cfg, manifest, output, overwrite=overwrite)
         else:
@@ -85,12 +97,14 @@ def run(manifest: str | None, audio_pattern: str | None, skip_done_in: str | Non
                                  storage_options=cfg.storage.options)
                 click.echo(f"found {found.n_found} audio objects, {found.n_done_before} done by earlier runs, "
                            f"{found.n_todo} to do", err=True)
-                result = run_job(cfg, found.manifest_uri, output, overwrite=overwrite, claim=claim)
+                # the listed objects may be read, not whatever the output's store holds
+                result = run_job(cfg.reading_from(found.root), found.manifest_uri, output, overwrite=overwrite,
+                                 claim=claim)
     except Exception as e:  # noqa: BLE001 - an engine that cannot start surfaces here through Ray
         _fail_from(e)
-    click.echo("\n".join([*result.summary.lines(),
-                          f"transcripts: {result.summary_uri.rsplit('/', 1)[0]}/transcripts/",
-                          f"summary: {result.summary_uri}"]))
+    click.echo(redact_text("\n".join([*result.summary.lines(),
+                                      f"transcripts: {result.summary_uri.rsplit('/', 1)[0]}/transcripts/",
+                                      f"summary: {result.summary_uri}"])))
     if not result.ok:
         _budget_exceeded(result.summary)
         sys.exit(ExitCode.FAILED)
@@ -115,6 +129,7 @@ def bench(manifest: str, config_path: str | None, overrides: tuple[str, ...], ba
 
     try:
         cfg = load_config(config_path, overrides)
+        register_secrets_in(cfg.storage.options)
         sizes = [int(x) for x in batch_sizes.split(",") if x]
         counts = [int(x) for x in replicas.split(",") if x]
         names = [x for x in engines.split(",") if x.strip()]
@@ -142,7 +157,7 @@ def _root_cause(error: BaseException) -> BaseException:
 
 
 def _fail(message: str) -> None:
-    click.echo(f"quarry: {message.splitlines()[0] if message else 'error'}", err=True)
+    click.echo(redact_text(f"quarry: {message.splitlines()[0] if message else 'error'}"), err=True)
     sys.exit(ExitCode.CANNOT_RUN)
 
 
@@ -242,7 +257,8 @@ def job_command(job_yaml: str, run_date: str | None, overrides: tuple[str, ...],
     from .jobs import run_job_file
 
     try:
-        outcome = run_job_file(job_yaml, run_date=run_date, overrides=overrides, overwrite=overwrite, echo=click.echo)
+        outcome = run_job_file(job_yaml, run_date=run_date, overrides=overrides, overwrite=overwrite,
+                               echo=lambda text: click.echo(redact_text(text)))
     except Exception as e:  # noqa: BLE001 - an engine that cannot start surfaces here through Ray
         _fail_from(e)
     if outcome.exit_code:

@@ -7,7 +7,6 @@ nightly job's file fails loudly with the key named instead of running with defau
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .constants import MAX_KEYWORD_CHARS, MAX_KEYWORDS
 from .errors import CannotRun
+from .redact import redact_mapping
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local.yaml"
@@ -56,6 +56,17 @@ class InputConfig(_Section):
         "auto", description="Manifest format; auto picks by file extension."
     )
     columns: ColumnsConfig = ColumnsConfig()
+    allowed_prefixes: list[str] | None = Field(
+        None,
+        description="URI prefixes audio may be read from (e.g. [s3://archive/calls/, s3://bucket/]); "
+        "a row naming anything else gets status forbidden_uri. null = the manifest's own store: its "
+        "bucket on an object store (s3://bucket), this machine's files for a local manifest.",
+    )
+    max_line_bytes: int = Field(
+        16 * 2**20, ge=1024,
+        description="Longest JSONL manifest line, in bytes; a longer one is skipped to its end and becomes "
+        "an invalid_row. Bounds the memory one line takes (scoring a reference costs ~30x its size).",
+    )
 
 
 class AudioConfig(_Section):
@@ -66,6 +77,25 @@ class AudioConfig(_Section):
         3600.0 * 12, gt=0,
         description="Longer recordings get status too_long. A decode task holds the decoded recording "
         "(about 230 MB per hour at 16 kHz), so this bounds its memory.",
+    )
+    max_bytes: int = Field(
+        2 * 2**30, ge=1,
+        description="Largest audio object read, in bytes: its size is checked before it is fetched "
+        "(status too_large). A decode task holds the encoded bytes, so this bounds that memory.",
+    )
+    decode_budget_mb: float = Field(
+        8192.0, gt=0,
+        description="Most a recording may decode to, in MiB of float32 samples: frames x channels at its "
+        "source rate, or its 16 kHz output (x channels with split), whichever is larger. Checked from "
+        "the header before any sample is allocated and again while decoding (status too_large): a small "
+        "file claiming hours of many-channel, high-rate audio is refused. The source passes through in "
+        "blocks of at most 16 MiB; the output is held, so this bounds a decode task's memory.",
+    )
+    read_timeout_s: float = Field(
+        300.0, gt=0,
+        description="Longest one attempt to read an audio object may take (its size check included); "
+        "connects and socket reads time out sooner (at most 60 s). A timed-out attempt is retried as "
+        "transient, then the row gets fetch_error.",
     )
     decode_cpus: float = Field(
         0.5, gt=0, description="CPUs Ray reserves per decode task (fractional keeps actors fed)."
@@ -262,24 +292,18 @@ class JobConfig(_Section):
     output: OutputConfig = OutputConfig()
     storage: StorageConfig = StorageConfig()
 
+    def reading_from(self, *prefixes: str) -> "JobConfig":
+        """This config for a manifest Quarry wrote itself (``inputs.jsonl`` of ``--audio`` or the
+        call-center job) whose audio comes from ``prefixes``: ``input.allowed_prefixes`` becomes
+        them, unless the config sets it."""
+        if self.input.allowed_prefixes is not None:
+            return self
+        return self.model_copy(update={"input": self.input.model_copy(update={"allowed_prefixes": list(prefixes)})})
+
     def redacted(self) -> dict[str, Any]:
-        """The resolved config as plain data, with anything that looks like a secret masked."""
-        return _redact(self.model_dump(mode="json"))
-
-
-# Whole words of a key name ("session_token", "aws_secret_access_key"), so that settings such as
-# max_output_tokens_per_s are not mistaken for secrets.
-_SECRET_KEY = re.compile(r"(^|_)(secret|password|passwd|token|key_id|access_key|api_key|credentials?)(_|$)", re.I)
-
-
-def _redact(value: Any, key: str = "") -> Any:
-    if isinstance(value, dict):
-        return {k: _redact(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v, key) for v in value]
-    if key and _SECRET_KEY.search(key) and value not in (None, ""):
-        return "***"
-    return value
+        """The resolved config as plain data, with every credential masked (:func:`redact.redact_mapping`:
+        credential-shaped keys in any spelling and everything under them, credentials in URIs)."""
+        return redact_mapping(self.model_dump(mode="json"))
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

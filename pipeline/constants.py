@@ -24,11 +24,13 @@ class Status(str, Enum):
     """Per-row outcome. Everything but ``OK`` is a failure reason counted in the summary."""
 
     OK = "ok"
-    INVALID_ROW = "invalid_row"  # manifest row unusable (no audio URI, bad field)
+    INVALID_ROW = "invalid_row"  # manifest row unusable (not a JSON object, bad UTF-8, no audio URI, ...)
+    FORBIDDEN_URI = "forbidden_uri"  # audio outside input.allowed_prefixes, or not a regular file (FIFO, device)
     DUPLICATE_ID = "duplicate_id"  # an earlier row of the job has the same id
     MISSING_OBJECT = "missing_object"  # audio object does not exist
     ACCESS_DENIED = "access_denied"  # storage refused the read
-    FETCH_ERROR = "fetch_error"  # storage failed after retries
+    FETCH_ERROR = "fetch_error"  # storage failed after retries (timeouts included)
+    TOO_LARGE = "too_large"  # object over audio.max_bytes, or decodes to more than audio.decode_budget_mb
     DECODE_ERROR = "decode_error"  # bytes are not decodable audio (or truncated)
     EMPTY_AUDIO = "empty_audio"  # decodes to zero samples
     INVALID_AUDIO = "invalid_audio"  # decodes, but samples are NaN / Inf

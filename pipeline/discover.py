@@ -37,6 +37,14 @@ class Discovery:
     n_found: int  # audio objects under the prefix / matching the glob
     n_done_before: int  # of those, already done by an earlier successful run
     n_todo: int
+    root: str  # the prefix listed: where the written manifest's audio may be read from
+
+
+def listing_root(pattern: str) -> str:
+    """The prefix a pattern lists under: up to the last ``/`` before its first glob character
+    (``s3://archive/calls/2026-11-*/*.wav`` -> ``s3://archive/calls/``), or the prefix itself."""
+    cut = min((i for i in (pattern.find(c) for c in "*?[") if i >= 0), default=-1)
+    return pattern if cut < 0 else pattern[: pattern.rfind("/", 0, cut) + 1]
 
 
 def _full_uri(fs, path: str, like: str) -> str:
@@ -100,7 +108,7 @@ def discover(pattern: str, output_uri: str, *, skip_done_in: str | None = None,
         raise ManifestError(f"no audio objects match {pattern!r} (extensions: {', '.join(AUDIO_EXTENSIONS)})")
     log.info("discovered %d audio objects under %s: %d done by earlier runs, %d to do",
              n_found, pattern, n_found - n_todo, n_todo)
-    return Discovery(join_uri(output_uri, INPUTS_NAME), n_found, n_found - n_todo, n_todo)
+    return Discovery(join_uri(output_uri, INPUTS_NAME), n_found, n_found - n_todo, n_todo, listing_root(pattern))
 
 
 def _contains(sorted_hashes: np.ndarray, value: np.uint64) -> bool:

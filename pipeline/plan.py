@@ -20,9 +20,11 @@ from .assemble import Assembler, SubtitleWriter
 from .claim import Claim, claim_output
 from .config import EngineConfig, JobConfig
 from .engines import preflight
+from .errors import CannotRun
 from .manifest import Manifest, PrepareStage
 from .output import TranscriptWriter, tally_output
 from .records import transcript_schema
+from .redact import redact_uri
 from .stages import DecodeStage, InferenceStage, ScoreStage
 from .storage import is_process_local, join_uri, url_to_fs
 from .summary import JobSummary, JobTally, RunFigures
@@ -78,8 +80,14 @@ def init_ray(cfg: JobConfig) -> None:
     )
     node_ip = ray.util.get_node_ip_address()
     if node_ip not in ("127.0.0.1", "::1"):
-        log.warning("local Ray advertises %s, not loopback: Ray was imported before quarry could "
-                    "set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0", node_ip)
+        ray.shutdown()  # it would serve the cluster network, with this job's credentials in its workers
+        raise LocalRayExposed(
+            f"local Ray advertises {node_ip}, not loopback: Ray was imported before quarry could set "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set it in the environment, or run through `quarry run`)")
+
+
+class LocalRayExposed(CannotRun, RuntimeError):
+    """A local Ray that would listen beyond loopback: the job stops before any work starts."""
 
 
 def engine_replicas(e: EngineConfig) -> int:
@@ -199,7 +207,8 @@ def job_key(cfg: JobConfig, manifest: Manifest) -> dict[str, Any]:
     attempts."""
     c = cfg.model_dump(mode="json")
     return {
-        "manifest": {"uri": manifest.uri, "content": manifest.fingerprint},
+        # _quarry_job.json is an output: no user-info or presigned token in it
+        "manifest": {"uri": redact_uri(manifest.uri), "content": manifest.fingerprint},
         "input": c["input"],
         "audio": {k: c["audio"][k] for k in ("resample_quality", "max_duration_s", "channels", "channel_names")},
         "segment": {k: c["segment"][k] for k in ("max_s", "min_s", "overlap_s", "vad")},

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 # Plain Python, so that engines import them without pyarrow; this module's interface as before.
 from .constants import OK, SAMPLE_RATE_HZ, Status  # noqa: F401
+from .redact import redact_uri
 
 TRANSIENT = frozenset({Status.FETCH_ERROR.value, Status.INFERENCE_ERROR.value})
 """Statuses a passing fault may have caused: a rerun of the job tries such rows again."""
@@ -169,8 +170,10 @@ SEGMENT_TABLE_SCHEMA = pa.schema([column(n) for n in (
 # --- Ids -----------------------------------------------------------------------------------------
 
 def stable_id(audio_uri: str) -> str:
-    """A readable id that is stable across runs: file stem + hash of the full URI."""
-    stem = posixpath.splitext(posixpath.basename(audio_uri.rstrip("/")))[0] or "audio"
+    """A readable id that is stable across runs: file stem + hash of the full URI. The stem is
+    taken from the URI without its credentials (:func:`redact.redact_uri`), so a presigned token
+    never becomes part of an id."""
+    stem = posixpath.splitext(posixpath.basename(redact_uri(audio_uri).rstrip("/")))[0] or "audio"
     return f"{stem}-{hashlib.sha1(audio_uri.encode()).hexdigest()[:10]}"
 
 

@@ -21,6 +21,7 @@ from .config import AudioConfig, EngineConfig, ScoringConfig, SegmentConfig, Tas
 from .engines import EngineRequest, EngineResult, is_engine_dead, load_engine
 from .records import (DECODED, ENGINE, KEYWORDS, OK, OUTPUT, PREPARED, RECORDING, SAMPLE_RATE_HZ, SAMPLES, SCORE,
                       SEGMENT, TEXT, ColumnGroup, Status, null_row, schema_of)
+from .redact import redact_text, redact_uri
 from .scoring import score_row
 from .segment import plan_segments, speech_regions
 
@@ -70,38 +71,47 @@ class DecodeStage:
     def _rows(self, row: dict) -> Iterator[dict]:
         row.update(null_row(*self.adds))
         row.update(n_channels=1, segment_index=0, n_segments=1, start_s=0.0, seam_overlap_s=0.0)
+        uri, row["audio"] = row["audio"], redact_uri(row["audio"])  # read with it, never output it
         if row["status"] != OK:
             yield row
             return
         split = self.audio.channels == "split"
         try:
             decoded = load_audio(
-                row["audio"],
+                uri,
                 self.storage_options,
+                max_bytes=self.audio.max_bytes,
+                timeout_s=self.audio.read_timeout_s,
                 target_rate=SAMPLE_RATE_HZ,
                 quality=self.audio.resample_quality,
                 max_duration_s=self.audio.max_duration_s,
                 split_channels=split,
+                budget_bytes=self.audio.decode_budget_mb * 2**20,
             )
         except AudioError as e:
-            row["status"], row["error"] = str(e.status), str(e)
+            row["status"], row["error"] = str(e.status), redact_text(str(e))
+            yield row
+            return
+        except Exception as e:  # noqa: BLE001 - whatever else went wrong with this recording is its own
+            row["status"], row["error"] = Status.DECODE_ERROR.value, redact_text(f"{row['audio']}: {type(e).__name__}: {e}")
             yield row
             return
         row.update(duration_s=decoded.duration_s, source_sample_rate=decoded.source_sample_rate,
                    source_channels=decoded.source_channels)
         streams = decoded.samples.T if split else decoded.samples[None, :]
+        del decoded
         row["n_channels"] = len(streams)
         for c, strided in enumerate(streams):
-            samples = np.ascontiguousarray(strided)  # one channel of an interleaved array: copy it once
             channel = self._channel_name(c) if split else None
             try:
+                samples = np.ascontiguousarray(strided)  # one channel of an interleaved array: copy it once
                 segments = plan_segments(samples, max_s=self.segment.max_s, min_s=self.segment.min_s,
                                          overlap_s=self.segment.overlap_s, vad=self.segment.vad)
                 speech = ([[a / SAMPLE_RATE_HZ, b / SAMPLE_RATE_HZ] for a, b in speech_regions(samples)]
                           if split and self.segment.vad else None)
-            except Exception as e:  # noqa: BLE001 - a VAD failure is this row's, not the job's
+            except Exception as e:  # noqa: BLE001 - a VAD failure (or MemoryError) is this row's, not the job's
                 yield {**row, "channel": channel, "status": Status.DECODE_ERROR.value,
-                       "error": f"cannot segment the audio: {type(e).__name__}: {e}"}
+                       "error": redact_text(f"cannot segment the audio: {type(e).__name__}: {e}")}
                 continue
             for seg in segments:
                 yield {

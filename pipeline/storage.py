@@ -15,8 +15,10 @@ import contextlib
 import errno
 import http.client
 import logging
+import os
 import posixpath
 import re
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +26,9 @@ from typing import Any, TypeVar
 
 import fsspec
 import tenacity
+from fsspec.asyn import AsyncFileSystem
+
+from .redact import redact_uri
 
 T = TypeVar("T")
 
@@ -123,7 +128,7 @@ NO_RETRY = RetryPolicy(attempts=1, request_attempts=1)
 # Errors that are answers, not accidents: never retried.
 _PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
-)
+)  # and NotRegularObject / ObjectTooLarge below, which are not OSErrors: never transient
 _TRANSIENT_ERRNOS = frozenset({
     errno.EBUSY,  # s3fs: 503 SlowDown / ServiceUnavailable
     getattr(errno, "EREMOTEIO", 121),  # s3fs: 500 InternalError
@@ -240,19 +245,190 @@ def _note_retry(what: str, policy: RetryPolicy, state: tenacity.RetryCallState) 
                 state.upcoming_sleep)
 
 
-def read_bytes(uri: str, storage_options: dict[str, Any] | None = None, policy: RetryPolicy = DEFAULT_RETRY) -> bytes:
-    """The whole object at ``uri``, with both retry layers; permanent errors raise at once.
+class NotRegularObject(Exception):
+    """The URI names something that is not a regular file or object (a FIFO, a device, a socket):
+    reading it could block forever or never end, so it is refused without opening it."""
 
-    One GET for an S3 object (no HEAD first); the URI is taken literally (no glob expansion).
-    Raises FileNotFoundError / PermissionError / IsADirectoryError as the store answers, or the
-    last transient error once ``policy`` gives up.
+
+class ObjectTooLarge(Exception):
+    """The object is larger than the caller's limit; nothing of it was read."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"{size} bytes, over the limit of {limit}")
+        self.size, self.limit = size, limit
+
+
+READ_CHUNK_BYTES = 64 * 2**20  # one ranged read; the deadline is checked between them
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any] | None = None, policy: RetryPolicy = DEFAULT_RETRY,
+               *, max_bytes: int | None = None, timeout_s: float | None = None) -> bytes:
+    """The whole object at ``uri``, bounded, with both retry layers; permanent errors raise at once.
+
+    Its size and kind are asked first (one HEAD on S3, a ``stat`` for a local file): anything but
+    a regular file or object raises :class:`NotRegularObject` (a FIFO would block the read
+    forever, a device never ends), a folder IsADirectoryError, and an object over ``max_bytes``
+    :class:`ObjectTooLarge`, before a byte is read. Then exactly the stated size is read, in ranged
+    reads of at most :data:`READ_CHUNK_BYTES` (one GET for most audio). ``timeout_s`` bounds each
+    attempt (the size check included; on async stores such as S3 and HTTP it cancels a stalled
+    call) and raises TimeoutError, which is transient. The URI is taken literally (no glob
+    expansion). Raises FileNotFoundError / PermissionError as the store answers, or the last
+    transient error once ``policy`` gives up.
     """
 
     def once() -> bytes:
-        opened = fsspec.open(uri, "rb", **storage_options_for(uri, storage_options, policy))
-        return opened.fs.cat_file(opened.path)
+        opened = fsspec.open(uri, "rb", **storage_options_for(uri, storage_options, policy))  # no I/O yet
+        fs, path = opened.fs, opened.path
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
-    return retry_call(once, policy=policy, what=f"read {uri}")
+        def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+            if deadline is None:
+                return fn(*args, **kwargs)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"reading took longer than {timeout_s:g} s")
+            if isinstance(fs, AsyncFileSystem):  # fsspec's sync() gives up on the call after `timeout`
+                kwargs["timeout"] = left
+            return fn(*args, **kwargs)
+
+        info = call(fs.info, path)
+        kind, size = info.get("type"), info.get("size")
+        if kind == "directory":
+            raise IsADirectoryError(f"{uri} is a folder")
+        if kind != "file":
+            raise NotRegularObject(f"{uri} is not a regular file ({kind or 'unknown kind'})")
+        if size is None:  # a server that states no length: read one byte past the limit at most
+            with fs.open(path, "rb") as f:
+                data = call(f.read, (max_bytes + 1) if max_bytes is not None else -1)
+            if max_bytes is not None and len(data) > max_bytes:
+                raise ObjectTooLarge(len(data), max_bytes)
+            return data
+        if max_bytes is not None and size > max_bytes:
+            raise ObjectTooLarge(size, max_bytes)
+        chunks: list[bytes] = []
+        at = 0
+        while at < size:
+            end = min(size, at + READ_CHUNK_BYTES)
+            data = call(fs.cat_file, path, start=at, end=end)
+            if not data:
+                break  # it shrank since the size check: what there is (decoding judges it)
+            chunks.append(data[: end - at])  # a server that ignored the range sent more
+            at += len(chunks[-1])
+        return b"".join(chunks)
+
+    return retry_call(once, policy=policy, what=f"read {redact_uri(uri)}")
+
+
+# --- What a job may read ---------------------------------------------------------------------------
+#
+# A manifest is written by someone else's script, so the URIs in it are untrusted: a row must not
+# make the job read outside the storage it was given (file:///etc/..., another bucket, a cloud
+# metadata endpoint at http://169.254.169.254/...). Rows are checked against a list of allowed
+# prefixes (``input.allowed_prefixes``; by default the manifest's own store, :func:`store_root`).
+# Matching is by scheme, host / bucket and whole path segments, after ``.`` and ``..`` segments are
+# resolved; chained fsspec URLs (``zip://x::s3://...``) are refused outright, and for local files
+# symbolic links are followed before the check, so a link cannot lead outside either.
+
+_SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "local": "file", "gcs": "gs", "abfss": "abfs"}
+
+
+@dataclass(frozen=True)
+class _Place:
+    scheme: str
+    host: str
+    path: str  # absolute, "." and ".." resolved, no trailing slash except the root
+
+
+def _resolve_dots(path: str) -> str:
+    """``/a/./b/../c`` -> ``/a/c`` (empty segments kept: object keys may hold ``//``); never above
+    the root."""
+    out: list[str] = []
+    for segment in path.split("/"):
+        if segment == ".":
+            continue
+        if segment == "..":
+            if len(out) > 1:
+                out.pop()
+            continue
+        out.append(segment)
+    resolved = "/".join(out)
+    return resolved if resolved.startswith("/") else "/" + resolved
+
+
+def _place(uri: str) -> _Place:
+    if not has_scheme(uri):
+        return _Place("file", "", _resolve_dots(posixpath.abspath(uri) if uri else "/"))
+    scheme, rest = uri.split("://", 1)
+    scheme = _SCHEME_ALIASES.get(scheme.lower(), scheme.lower())
+    if scheme == "file":
+        return _Place("file", "", _resolve_dots("/" + rest.lstrip("/") if not rest.startswith("localhost/") else rest[9:]))
+    rest = rest.split("?", 1)[0].split("#", 1)[0] if scheme in ("http", "https") else rest
+    host, _, path = rest.partition("/")
+    host = host.rsplit("@", 1)[-1]  # user-info names who, not where
+    if scheme in ("http", "https"):
+        host = host.lower()
+    return _Place(scheme, host, _resolve_dots("/" + path))
+
+
+def store_root(uri: str) -> str:
+    """The store a URI lives in, as an allowed prefix: ``s3://bucket`` for an object, ``file://``
+    (this machine's files) for a local path, ``https://host`` for a web address."""
+    place = _place(uri)
+    if place.scheme == "file":
+        return "file://"
+    return f"{place.scheme}://{place.host}"
+
+
+def normalize_uri(uri: str) -> str:
+    """A scheme URI with its ``.`` and ``..`` path segments resolved (a relative path joined onto
+    a manifest's folder can hold them), so the URI that is checked is the URI that is read. Local
+    paths are left to the caller (``posixpath.normpath``)."""
+    if not has_scheme(uri):
+        return uri
+    scheme, rest = uri.split("://", 1)
+    if scheme.lower() == "file":
+        return uri if rest.startswith("localhost/") else f"{scheme}://" + _resolve_dots("/" + rest.lstrip("/"))
+    head, sep, path = rest.partition("/")
+    if not sep:
+        return uri
+    tail = ""
+    if scheme.lower() in ("http", "https"):  # the query and fragment are not path
+        cut = min((i for i in (path.find("?"), path.find("#")) if i >= 0), default=len(path))
+        path, tail = path[:cut], path[cut:]
+    return f"{scheme}://{head}{_resolve_dots('/' + path)}{tail}"
+
+
+def _within(place: _Place, prefix: _Place) -> bool:
+    if place.scheme != prefix.scheme or place.host != prefix.host:
+        return False
+    root = prefix.path.rstrip("/")
+    return not root or place.path == root or place.path.startswith(root + "/")
+
+
+def refusal(uri: str, allowed: tuple[str, ...] | list[str]) -> str | None:
+    """Why the job may not read ``uri`` (None when it may): outside every prefix of ``allowed``,
+    a chained URL, or (local files) a link that leads outside."""
+    if "::" in uri:
+        return "chained fsspec URLs (a::b) are not allowed"
+    try:
+        place = _place(uri)
+        prefixes = [_place(p) for p in allowed]
+    except (OSError, ValueError) as e:
+        return f"not a usable URI ({type(e).__name__})"
+    if not any(_within(place, p) for p in prefixes):
+        return f"outside the storage this job may read (input.allowed_prefixes: {', '.join(allowed)})"
+    if "\0" in uri:
+        return "a NUL character in the path"
+    if place.scheme == "file":
+        try:
+            real = _Place("file", "", os.path.realpath(place.path))
+            real_prefixes = [_Place("file", "", os.path.realpath(p.path) if p.path != "/" else "/") for p in prefixes
+                             if p.scheme == "file"]
+        except (OSError, ValueError) as e:
+            return f"the path cannot be resolved ({type(e).__name__})"
+        if not any(_within(real, p) for p in real_prefixes):
+            return f"a link that leads outside the storage this job may read (to {real.path})"
+    return None
 
 
 TEMP_PREFIX = "_tmp-"
@@ -295,4 +471,4 @@ def write_atomic(uri: str, data: bytes, storage_options: dict[str, Any] | None =
         with atomic_open(target, path) as f:
             f.write(data)
 
-    retry_call(once, policy=policy, what=f"write {uri}")
+    retry_call(once, policy=policy, what=f"write {redact_uri(uri)}")

@@ -32,3 +32,18 @@ def quarry_run(manifest, out, *sets: str, env: dict | None = None) -> subprocess
            "--set", "engine.name=fake", *[a for s in sets for a in ("--set", s)]]
     return subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def searchable_files(*roots: Path) -> dict[Path, bytes]:
+    """Every regular file under ``roots`` as bytes to search for a secret: Parquet files as their
+    decoded rows (their pages are compressed, so their raw bytes would hide a string), the rest raw."""
+    found: dict[Path, bytes] = {}
+    for root in roots:
+        for path in root.rglob("*"):
+            if not path.is_file() or path.is_symlink():
+                continue
+            data = path.read_bytes()
+            if path.suffix == ".parquet" and data[:4] == b"PAR1":
+                data += json.dumps(pq.read_table(path).to_pylist(), default=str, ensure_ascii=False).encode()
+            found[path] = data
+    return found

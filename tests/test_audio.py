@@ -168,3 +168,215 @@ def test_storage_errors_map_to_statuses_without_leaking_options(monkeypatch, rai
 def test_unknown_resample_quality_is_a_caller_error_not_a_row_failure():
     with pytest.raises(ValueError, match="Quality"):
         decode_audio(wav_bytes(sine(440, 48_000, 0.5), 48_000), quality="BEST")
+
+
+# --- Bounded reads and decodes (hostile inputs; the job-level corpus is tests/test_hostile.py) ----
+
+
+def _within(seconds: float, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a thread; fail (instead of hanging the suite) if it takes longer."""
+    import threading
+
+    outcome: dict = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            outcome["error"] = e
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} did not return within {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def test_object_size_is_checked_before_any_byte_is_read(tmp_path, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.config import AudioConfig
+
+    big = tmp_path / "big.wav"
+    with open(big, "wb") as f:  # sparse: larger than the default limit, on no disk
+        f.truncate(AudioConfig().max_bytes + 1)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read although the size already says it is too large")
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", no_reading)
+    monkeypatch.setattr(LocalFileSystem, "open", no_reading)
+    with pytest.raises(AudioError) as caught:
+        load_audio(str(big), max_bytes=AudioConfig().max_bytes)
+    assert caught.value.status is Status.TOO_LARGE and "audio.max_bytes" in str(caught.value)
+    assert AudioConfig().max_bytes == 2 * 2**30
+
+
+def test_fifos_devices_and_sockets_are_refused_without_being_opened(tmp_path):
+    import os
+    import socket
+
+    os.mkfifo(tmp_path / "pipe.wav")  # opening it would block until a writer comes: never
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock.wav"))
+    sock.close()
+    for uri in (str(tmp_path / "pipe.wav"), "/dev/zero", "/dev/urandom", str(tmp_path / "sock.wav")):
+        with pytest.raises(AudioError) as caught:
+            _within(10, fetch_bytes, uri)
+        assert caught.value.status is Status.FORBIDDEN_URI and "regular" in str(caught.value), uri
+
+
+def test_a_read_that_stalls_times_out_as_a_fetch_error():
+    import http.server
+    import threading
+    import time
+
+    from pipeline.storage import NO_RETRY
+
+    stop = threading.Event()
+
+    class Stall(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+
+        def do_GET(self):  # noqa: N802
+            self.do_HEAD()
+            self.wfile.flush()
+            stop.wait(60)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stall)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.perf_counter()
+        with pytest.raises(AudioError) as caught:
+            _within(20, fetch_bytes, f"http://127.0.0.1:{server.server_address[1]}/a.wav", retry=NO_RETRY,
+                    timeout_s=1.0)
+        assert caught.value.status is Status.FETCH_ERROR and "Timeout" in str(caught.value)
+        assert time.perf_counter() - started < 5
+    finally:
+        stop.set()
+        server.shutdown()
+
+
+def test_decompression_bomb_is_refused_from_its_header_before_any_sample_is_decoded(monkeypatch):
+    from .hostile import flac_bomb
+
+    data = flac_bomb()  # 2 h of 8-channel 192 kHz FLAC in 0.75 MB: 44 GB of float32
+    assert len(data) < 1_000_000
+    with sf.SoundFile(io.BytesIO(data)) as f:  # a real, decodable stream
+        assert (f.samplerate, f.channels, f.frames) == (192_000, 8, 7200 * 192_000)
+        assert not f.read(1000, dtype="float32").any()
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the header already says it is over budget")
+
+    monkeypatch.setattr(sf.SoundFile, "read", no_decoding)
+    with pytest.raises(AudioError) as caught:
+        decode_audio(data, name="bomb.flac", budget_bytes=8192 * 2**20)
+    assert caught.value.status is Status.TOO_LARGE
+    assert "8-channel 192000 Hz" in str(caught.value) and "audio.decode_budget_mb" in str(caught.value)
+
+
+def test_decode_budget_counts_the_output_too_and_is_checked_while_decoding(monkeypatch):
+    from .hostile import raw_wav
+
+    # 40 kB at 1 Hz becomes 5.6 h at 16 kHz: the output side of the budget refuses it
+    with pytest.raises(AudioError) as caught:
+        decode_audio(raw_wav(1, 1, 20_000), budget_bytes=1024 * 2**20)
+    assert caught.value.status is Status.TOO_LARGE
+    # a header that under-declares is caught as blocks arrive
+    monkeypatch.setattr(audio, "_SF_COUNT_MAX", 16_000)  # pretend the header gave no length
+    monkeypatch.setattr(audio, "BLOCK_FRAMES", 1_000)
+    with pytest.raises(AudioError) as caught:
+        decode_audio(wav_bytes(sine(440, 16_000, 1.0), 16_000), budget_bytes=4 * 8_000)
+    assert caught.value.status is Status.TOO_LARGE
+
+
+def test_many_channels_are_decoded_in_blocks_of_bounded_size(monkeypatch):
+    from .hostile import raw_wav
+
+    assert audio.block_frames(1000) * 1000 * 4 <= audio.BLOCK_BYTES
+    assert audio.block_frames(1) == audio.BLOCK_FRAMES
+    sizes = []
+    real_read = sf.SoundFile.read
+
+    def recording_read(self, frames=-1, *args, **kwargs):
+        sizes.append(frames)
+        return real_read(self, frames, *args, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "read", recording_read)
+    monkeypatch.setattr(audio, "BLOCK_BYTES", 1000 * 4 * 100)  # 100 frames of 1000 channels
+    decoded = decode_audio(raw_wav(8_000, 1000, 450))
+    assert decoded.source_channels == 1000 and decoded.duration_s == pytest.approx(450 / 8_000)
+    assert set(sizes) == {100}
+
+
+@pytest.mark.parametrize("raised", [MemoryError(), RuntimeError("soxr internal error"), ValueError("odd")],
+                         ids=["memory_error", "runtime_error", "value_error"])
+def test_any_failure_inside_decode_or_resample_is_the_rows_decode_error(monkeypatch, raised):
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise raised
+
+    monkeypatch.setattr(audio.soxr, "ResampleStream", Broken)
+    with pytest.raises(AudioError) as caught:
+        decode_audio(wav_bytes(sine(440, 48_000, 0.5), 48_000), name="x.wav")
+    assert caught.value.status is Status.DECODE_ERROR and type(raised).__name__ in str(caught.value)
+
+
+def test_decode_stage_keeps_going_when_decoding_or_segmenting_one_row_raises(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from pipeline import stages
+    from pipeline.config import AudioConfig, SegmentConfig
+    from pipeline.records import PREPARED, null_row
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.wav").write_bytes(wav_bytes(sine(440, 16_000, 0.5), 16_000))
+    real_load, real_plan = stages.load_audio, stages.plan_segments
+
+    def load(uri, *args, **kwargs):
+        if uri.endswith("b.wav"):
+            raise MemoryError()
+        return real_load(uri, *args, **kwargs)
+
+    def plan(samples, **kwargs):
+        if len(plan.calls) == 1:
+            plan.calls.append(1)
+            raise MemoryError()
+        plan.calls.append(1)
+        return real_plan(samples, **kwargs)
+
+    plan.calls = []
+    monkeypatch.setattr(stages, "load_audio", load)
+    monkeypatch.setattr(stages, "plan_segments", plan)
+    rows = [{**null_row(*PREPARED), "id": n, "audio": str(tmp_path / f"{n}.wav"), "status": "ok", "keywords": []}
+            for n in ("a", "b", "c")]
+    stage = stages.DecodeStage(AudioConfig(), SegmentConfig(vad=False), {}, ())
+    out = pa.concat_tables(list(stage(pa.Table.from_pylist(rows)))).to_pylist()
+    assert [(r["id"], r["status"]) for r in out] == [("a", "ok"), ("b", "decode_error"), ("c", "decode_error")]
+    assert "MemoryError" in out[1]["error"] and "cannot segment" in out[2]["error"]
+
+
+def test_audio_column_and_errors_carry_no_credentials(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.config import AudioConfig, SegmentConfig
+    from pipeline.records import PREPARED, null_row
+    from pipeline.stages import DecodeStage
+
+    uri = "http://user:pw-secret@127.0.0.1:9/a.wav?X-Amz-Signature=sig-secret"
+    row = {**null_row(*PREPARED), "id": "x", "audio": uri, "status": "ok", "keywords": []}
+    cfg = AudioConfig(read_timeout_s=2)
+    (out,) = pa.concat_tables(list(DecodeStage(cfg, SegmentConfig(), {}, ())(pa.Table.from_pylist([row])))).to_pylist()
+    assert out["status"] in ("fetch_error", "missing_object")
+    assert "secret" not in out["audio"] and "secret" not in out["error"]
+    assert out["audio"] == "http://***@127.0.0.1:9/a.wav?X-Amz-Signature=***"

@@ -16,6 +16,7 @@ import soundfile as sf
 from pipeline.config import VllmOptions
 from pipeline.engines import EngineUnavailable
 from pipeline.engines.base import EngineRequest
+from pipeline.keywords import sanitize_keywords
 from pipeline.records import Status
 
 from .conftest import EVAL_DIR, eval_rows
@@ -107,7 +108,8 @@ def test_translation_and_keyword_prompts_are_what_vllm_runs(engine, clips):
     audio = clips[0].samples
     plain = EngineRequest(id="plain", samples=audio, language="en")
     translate = EngineRequest(id="tr", samples=audio, language="en", task="translate", target_language="fr")
-    biased = EngineRequest(id="kw", samples=audio, language="en", keywords=("Quarry", "<|audio|>Ray\n", "vLLM"))
+    biased = EngineRequest(id="kw", samples=audio, language="en",
+                           keywords=sanitize_keywords(("Quarry", "<|audio|>Ray\n", "vLLM")))  # as PrepareStage does
     results = engine.transcribe([plain, translate, biased])
     prompts = engine.last_prompts
     assert "<|audio|>can you transcribe the speech into a written format?<|end_of_text|>" in prompts[0]

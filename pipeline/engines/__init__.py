@@ -16,12 +16,6 @@ if TYPE_CHECKING:
     from ..config import EngineConfig, TaskConfig
 
 
-def _keyword_limits(task: TaskConfig):
-    from .prompts import KeywordLimits
-
-    return KeywordLimits(max_keywords=task.max_keywords, max_chars=task.max_keyword_chars)
-
-
 def _whisper(cfg: EngineConfig, task: TaskConfig) -> Engine:
     from .whisper import WhisperEngine
 
@@ -31,15 +25,13 @@ def _whisper(cfg: EngineConfig, task: TaskConfig) -> Engine:
 def _vllm(cfg: EngineConfig, task: TaskConfig) -> Engine:
     from .vllm import VllmEngine
 
-    return VllmEngine(cfg.model, cfg.vllm, device="cuda" if cfg.gpus_per_replica > 0 else "cpu",
-                      keyword_limits=_keyword_limits(task))
+    return VllmEngine(cfg.model, cfg.vllm, device="cuda" if cfg.gpus_per_replica > 0 else "cpu")
 
 
 def _transformers(cfg: EngineConfig, task: TaskConfig) -> Engine:
     from .transformers import TransformersEngine
 
-    return TransformersEngine(cfg.model, cfg.transformers, keyword_limits=_keyword_limits(task),
-                              cpus=cfg.cpus_per_replica)
+    return TransformersEngine(cfg.model, cfg.transformers, cpus=cfg.cpus_per_replica)
 
 
 def _fake(cfg: EngineConfig, task: TaskConfig) -> Engine:

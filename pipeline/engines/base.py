@@ -49,7 +49,7 @@ class EngineRequest:
     language: str | None = None  # spoken language (ISO 639-1), None = engine decides / default
     task: str = "transcribe"  # "transcribe" | "translate"
     target_language: str | None = None  # for task == "translate"
-    keywords: tuple[str, ...] = ()  # biasing hints, already sanitised
+    keywords: tuple[str, ...] = ()  # biasing hints, already cleaned and bounded (pipeline/keywords.py)
     segment: bool = False  # a piece of a longer recording (cut at pauses), not a whole clip
 
     @property

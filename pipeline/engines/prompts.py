@@ -3,7 +3,9 @@
 Granite Speech: the user turn is an instruction with the ``<|audio|>`` placeholder, rendered
 through the model's own chat template (``add_generation_prompt=True``), as the model card does.
 The transcription wording is the card's; translation follows vLLM's transcription endpoint
-(``translate the speech to {language name}``); keyword biasing appends ``Keywords: a, b``. The
+(``translate the speech to {language name}``); keyword biasing appends ``Keywords: a, b``.
+Keywords arrive already cleaned and bounded (``pipeline/keywords.py``, applied where a row's
+keywords are built): builders only render them. The
 card does not confirm the 4.0 wording for translation and keywords, so it lives only here.
 
 Whisper: a decoder prompt of special tokens (``<|startoftranscript|><|en|><|transcribe|>...``);
@@ -17,11 +19,8 @@ for that row instead of failing the batch.
 from __future__ import annotations
 
 import re
-import unicodedata
-from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
-from ..constants import MAX_KEYWORD_CHARS, MAX_KEYWORDS
 from .base import EngineRequest
 
 LANGUAGE_NAMES: dict[str, str] = {
@@ -45,18 +44,6 @@ GRANITE_TRANSLATE = "<|audio|>translate the speech to {language}"
 
 TASKS = ("transcribe", "translate")
 
-_SPECIAL_TOKEN = re.compile(r"<\|.*?\|>")
-_SPACES = re.compile(r"\s+")
-
-
-@dataclass(frozen=True)
-class KeywordLimits:
-    """Bounds on biasing keywords: how many are kept and how long each may be (characters).
-    Defaults are the job config's (``task.max_keywords``, ``task.max_keyword_chars``)."""
-
-    max_keywords: int = MAX_KEYWORDS
-    max_chars: int = MAX_KEYWORD_CHARS
-
 
 def normalize_language(code: str | None) -> str | None:
     """``"en-US"`` / ``"EN"`` -> ``"en"``; empty or ``None`` -> ``None``."""
@@ -64,33 +51,6 @@ def normalize_language(code: str | None) -> str | None:
         return None
     base = re.split(r"[-_]", code.strip().lower(), maxsplit=1)[0]
     return base or None
-
-
-def sanitize_keyword(text: str, max_chars: int) -> str:
-    """One keyword as plain text: no special tokens, angle brackets, control characters,
-    newlines or commas (the list separator); whitespace collapsed; at most ``max_chars``."""
-    text = unicodedata.normalize("NFC", str(text))
-    text = _SPECIAL_TOKEN.sub(" ", text)
-    # Category C* is control/format/private-use; none of it belongs in a keyword.
-    text = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
-    text = text.replace("<", " ").replace(">", " ").replace(",", " ")
-    text = _SPACES.sub(" ", text).strip()
-    return text[:max_chars].rstrip()
-
-
-def sanitize_keywords(keywords: Iterable[str], limits: KeywordLimits = KeywordLimits()) -> tuple[str, ...]:
-    """Clean keywords, drop empty ones and case-insensitive duplicates, keep the first
-    ``limits.max_keywords`` in their given order."""
-    kept: list[str] = []
-    seen: set[str] = set()
-    for raw in keywords:
-        if len(kept) >= limits.max_keywords:
-            break
-        word = sanitize_keyword(raw, limits.max_chars)
-        if word and word.casefold() not in seen:
-            seen.add(word.casefold())
-            kept.append(word)
-    return tuple(kept)
 
 
 class PromptBuilder(Protocol):
@@ -139,23 +99,21 @@ class GranitePrompts:
 
     family = "granite"
 
-    def __init__(self, tokenizer: Any, limits: KeywordLimits = KeywordLimits()):
+    def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
-        self.limits = limits
 
     def unsupported(self, req: EngineRequest) -> str | None:
         return granite_unsupported(req.language, req.task, req.target_language)
 
     def instruction(self, req: EngineRequest) -> str:
-        """The user turn: task instruction, then the sanitised keyword list if any."""
+        """The user turn: task instruction, then the (already sanitised) keyword list if any."""
         if req.task == "translate":
             target = normalize_language(req.target_language) or "en"
             text = GRANITE_TRANSLATE.format(language=LANGUAGE_NAMES[target])
         else:
             text = GRANITE_TRANSCRIBE
-        keywords = sanitize_keywords(req.keywords, self.limits)
-        if keywords:
-            text += " Keywords: " + ", ".join(keywords)
+        if req.keywords:
+            text += " Keywords: " + ", ".join(req.keywords)
         return text
 
     def build(self, req: EngineRequest) -> str:
@@ -169,11 +127,9 @@ class WhisperPrompts:
 
     family = "whisper"
 
-    def __init__(self, languages: Sequence[str], multilingual: bool = True,
-                 limits: KeywordLimits = KeywordLimits()):
+    def __init__(self, languages: Sequence[str], multilingual: bool = True):
         self.languages = frozenset(languages)
         self.multilingual = multilingual
-        self.limits = limits
 
     def unsupported(self, req: EngineRequest) -> str | None:
         reason = _unknown_task(req)
@@ -198,7 +154,6 @@ class WhisperPrompts:
             prompt = f"<|startoftranscript|><|{lang}|><|{req.task}|><|notimestamps|>"
         else:  # English-only checkpoints (*.en) have no language or task tokens
             prompt = "<|startoftranscript|><|notimestamps|>"
-        keywords = sanitize_keywords(req.keywords, self.limits)
-        if keywords:
-            prompt = "<|startofprev|> " + ", ".join(keywords) + prompt
+        if req.keywords:
+            prompt = "<|startofprev|> " + ", ".join(req.keywords) + prompt
         return prompt

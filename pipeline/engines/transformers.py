@@ -53,7 +53,7 @@ import numpy as np
 from ..constants import Status
 from .base import EngineRequest, EngineResult, EngineUnavailable
 from .common import model_type, output_budget, resolve_model
-from .prompts import GranitePrompts, KeywordLimits, normalize_language
+from .prompts import GranitePrompts, normalize_language
 
 if TYPE_CHECKING:
     from ..config import TransformersOptions
@@ -209,8 +209,8 @@ class TransformersEngine:
 
     name = "transformers"
 
-    def __init__(self, model: str, options: TransformersOptions, *, keyword_limits: KeywordLimits | None = None,
-                 cpus: float | None = None, draft_fn: DraftFn | None = None):
+    def __init__(self, model: str, options: TransformersOptions, *, cpus: float | None = None,
+                 draft_fn: DraftFn | None = None):
         checkpoint = resolve_model(model, engine="transformers")
         found = model_type(checkpoint)
         if found != "granite_speech":
@@ -228,21 +228,20 @@ class TransformersEngine:
             net = GraniteSpeechForConditionalGeneration.from_pretrained(str(checkpoint), dtype=dtype).to(device)
         except Exception as e:  # noqa: BLE001 - any load failure: say which model, keep the cause
             raise EngineUnavailable(f"transformers could not load {model!r} from {checkpoint}: {e}") from e
-        self._setup(model, net, processor, options, checkpoint, keyword_limits, draft_fn)
+        self._setup(model, net, processor, options, checkpoint, draft_fn)
 
     @classmethod
     def from_model(cls, name: str, net: Any, processor: Any, options: TransformersOptions, *,
-                   keyword_limits: KeywordLimits | None = None, draft_fn: DraftFn | None = None,
-                   checkpoint: Path | None = None) -> TransformersEngine:
+                   draft_fn: DraftFn | None = None, checkpoint: Path | None = None) -> TransformersEngine:
         """An engine around a model already in memory (on its device, in its dtype): the GPU
         benchmark builds one at the real size with random weights instead of writing gigabytes to
         disk and reading them back."""
         engine = cls.__new__(cls)
-        engine._setup(name, net, processor, options, checkpoint, keyword_limits, draft_fn)
+        engine._setup(name, net, processor, options, checkpoint, draft_fn)
         return engine
 
     def _setup(self, name: str, net: Any, processor: Any, options: TransformersOptions, checkpoint: Path | None,
-               keyword_limits: KeywordLimits | None, draft_fn: DraftFn | None) -> None:
+               draft_fn: DraftFn | None) -> None:
         torch = _import_torch()
         from transformers import GenerationConfig
 
@@ -266,7 +265,7 @@ class TransformersEngine:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"  # decoder-only batches: prompts end together
-        self.prompts = GranitePrompts(self.tokenizer, keyword_limits or KeywordLimits())
+        self.prompts = GranitePrompts(self.tokenizer)
         self._encoder, self._projector, self._text_model, self._lm_head = self._parts(net)
         text_config = net.config.text_config
         eos = text_config.eos_token_id if text_config.eos_token_id is not None else self.tokenizer.eos_token_id

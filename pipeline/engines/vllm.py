@@ -19,7 +19,7 @@ from ..constants import SAMPLE_RATE_HZ, Status
 from .base import EngineRequest, EngineResult, EngineUnavailable
 from .common import model_type, output_budget
 from .common import resolve_model as _resolve
-from .prompts import GranitePrompts, KeywordLimits, PromptBuilder, WhisperPrompts, normalize_language
+from .prompts import GranitePrompts, PromptBuilder, WhisperPrompts, normalize_language
 
 FAMILIES = {"granite_speech": "granite", "whisper": "whisper"}
 _WHISPER_EN_ONLY_VOCAB = 51864  # OpenAI's *.en checkpoints; multilingual ones have more tokens
@@ -69,8 +69,7 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, model: str, options: VllmOptions, *, device: str = "auto",
-                 keyword_limits: KeywordLimits | None = None):
+    def __init__(self, model: str, options: VllmOptions, *, device: str = "auto"):
         self.model = model
         self.options = options
         self.device = _pick_device(device)
@@ -115,13 +114,13 @@ class VllmEngine:
             raise EngineUnavailable(f"vLLM could not load {model!r} from {self.checkpoint}: {e}") from e
         self._tokenizer = self.llm.get_tokenizer()
         self._processor = AutoProcessor.from_pretrained(str(self.checkpoint))
-        self.prompts: PromptBuilder = self._prompt_builder(keyword_limits or KeywordLimits())
+        self.prompts: PromptBuilder = self._prompt_builder()
         self.last_prompts: list[str | None] = []
         """Prompt sent for each request of the last ``transcribe`` call (None: not sent)."""
 
-    def _prompt_builder(self, limits: KeywordLimits) -> PromptBuilder:
+    def _prompt_builder(self) -> PromptBuilder:
         if self.family == "granite":
-            return GranitePrompts(self._tokenizer, limits)
+            return GranitePrompts(self._tokenizer)
         from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
         vocab = self._tokenizer.get_vocab()
@@ -131,7 +130,7 @@ class VllmEngine:
         if multilingual is None:
             multilingual = config.get("vocab_size") != _WHISPER_EN_ONLY_VOCAB
         languages = [code for code in LANGUAGES if f"<|{code}|>" in vocab]
-        return WhisperPrompts(languages, multilingual=bool(multilingual), limits=limits)
+        return WhisperPrompts(languages, multilingual=bool(multilingual))
 
     # --- length budget -------------------------------------------------------------------
 

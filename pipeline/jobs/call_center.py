@@ -18,7 +18,7 @@ from ..claim import claim_output
 from ..config import JobConfig
 from ..output import INPUTS_NAME
 from ..records import carried_name, column
-from ..storage import atomic_open, join_uri, url_to_fs, write_atomic
+from ..storage import atomic_open, join_uri, store_root, url_to_fs, write_atomic
 from ..summary import JobSummary
 from .results import JobResult
 from .spec import CallCenterJob, JobError, _remove, job_config
@@ -97,7 +97,8 @@ def join_campaign_keywords(manifest_uri: str, output_uri: str, campaigns: dict[s
     """Stream the manifest into ``<output>/inputs.jsonl`` with each row's campaign keywords added to
     its ``keywords`` column (after any keywords of its own) and its audio path made absolute.
     Returns (the written manifest's URI, rows, calls per campaign that has no keyword list)."""
-    from ..manifest import Manifest, parse_keywords, resolve_audio_uri
+    from ..keywords import parse_keywords
+    from ..manifest import Manifest, resolve_audio_uri
 
     manifest = Manifest.open(manifest_uri, cfg)
     columns = cfg.input.columns
@@ -251,6 +252,8 @@ def run_call_center(job: CallCenterJob, overrides: list[str] | tuple[str, ...] =
                        f"got {cfg.audio.channels!r}")
     source_cfg = job_config(job.config, overrides)  # how to read the calls' own manifest
     campaigns = read_campaigns(job.campaigns, cfg.storage.options)
+    # inputs.jsonl lives with the output; its audio may be read where the calls' own manifest allows
+    allowed = source_cfg.input.allowed_prefixes or [store_root(job.manifest)]
     with claim_output(job.output, cfg.storage.options) as claim:  # before inputs.jsonl is written
         if overwrite:
             _remove(join_uri(job.output, ANALYTICS_DIR), cfg.storage.options)
@@ -258,7 +261,7 @@ def run_call_center(job: CallCenterJob, overrides: list[str] | tuple[str, ...] =
                                                          source_cfg)
         log.info("call-center: %d calls, %d campaigns with keywords; %d calls in campaigns without keywords",
                  n_rows, len(campaigns), sum(unknown.values()))
-        result = run_job(cfg, inputs, job.output, overwrite=overwrite, claim=claim)
+        result = run_job(cfg.reading_from(*allowed), inputs, job.output, overwrite=overwrite, claim=claim)
         analytics, figures = write_analytics(job.output, campaigns, job.campaign_column, cfg)
     channels: dict[str, dict[str, Any]] = {}
     for call in figures:

@@ -110,7 +110,7 @@ def run_nightly(job: NightlyArchiveJob, run_date: str, overrides: list[str] | tu
         found = discover(job.audio, output, skip_done_in=job.output_root, storage_options=opts)
         log.info("nightly %s: %d audio objects, %d done by earlier runs, %d to do", run_date, found.n_found,
                  found.n_done_before, found.n_todo)
-        result = run_job(cfg, found.manifest_uri, output, overwrite=overwrite, claim=claim)
+        result = run_job(cfg.reading_from(found.root), found.manifest_uri, output, overwrite=overwrite, claim=claim)
     canary = _canary_gate(job, cfg, run_date, record=result.ok) if job.canary else None
     return NightlyResult(run_date, output, found.n_found, found.n_done_before, found.n_todo, result.summary, canary)
 

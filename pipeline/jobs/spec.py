@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..config import JobConfig, load_config, read_yaml_mapping
 from ..errors import CannotRun
+from ..redact import register_secrets_in
 from ..storage import has_scheme, url_to_fs
 
 
@@ -153,6 +154,7 @@ def job_config(config_path: str, overrides: list[str] | tuple[str, ...] = (), *,
     joins that cluster rather than starting a Ray of its own.
     """
     cfg = load_config(config_path, [*before, *overrides, *after])
+    register_secrets_in(cfg.storage.options)  # scrubbed from whatever this process prints
     if not cfg.ray.address and os.environ.get("RAY_ADDRESS"):
         cfg.ray.address = os.environ["RAY_ADDRESS"]
     return cfg
