@@ -34,20 +34,27 @@ class ScaleRun:
     rows: int
     wall_s: float
     driver_peak_mib: float
-    driver_cpu_s: float
+    driver_cpu_s: float  # the whole driver process, start-up and imports included
+    job_cpu_s: float  # the driver's CPU inside run_job (summary.json this_run.driver_cpu_s)
     n_ok: int
 
     @property
     def cpu_us_per_row(self) -> float:
         return 1e6 * self.driver_cpu_s / self.rows
 
+    @property
+    def job_cpu_us_per_row(self) -> float:
+        return 1e6 * self.job_cpu_s / self.rows
 
-HEADER = f"{'rows':>9} {'wall s':>8} {'rows/s':>8} {'driver MiB':>11} {'driver cpu s':>13} {'cpu/row us':>11} {'ok':>9}"
+
+HEADER = (f"{'rows':>9} {'wall s':>8} {'rows/s':>8} {'driver MiB':>11} {'driver cpu s':>13} {'cpu/row us':>11} "
+          f"{'in-job cpu s':>13} {'in-job/row us':>14} {'ok':>9}")
 
 
 def _line(r: ScaleRun) -> str:
     return (f"{r.rows:>9} {r.wall_s:>8.1f} {r.rows / r.wall_s:>8.0f} {r.driver_peak_mib:>11.0f} "
-            f"{r.driver_cpu_s:>13.2f} {r.cpu_us_per_row:>11.1f} {r.n_ok:>9}")
+            f"{r.driver_cpu_s:>13.2f} {r.cpu_us_per_row:>11.1f} {r.job_cpu_s:>13.2f} {r.job_cpu_us_per_row:>14.1f} "
+            f"{r.n_ok:>9}")
 
 
 def measure(manifest: Path, out: Path, rows: int, sets: list[str]) -> ScaleRun:
@@ -70,14 +77,14 @@ def measure(manifest: Path, out: Path, rows: int, sets: list[str]) -> ScaleRun:
     if child.returncode != 0:
         raise RuntimeError(f"quarry run failed ({child.returncode}):\n{log[-3000:]}")
     summary = JobSummary.read(str(out))
-    return ScaleRun(summary.n_input, wall, peak, cpu, summary.n_ok)
+    return ScaleRun(summary.n_input, wall, peak, cpu, summary.this_run.driver_cpu_s, summary.n_ok)
 
 
 def run(rows: int, sets: list[str]) -> list[ScaleRun]:
     work = Path(tempfile.mkdtemp(prefix="quarry-bench-scale-"))
     try:
-        clip = work / "clip.wav"  # one second of noise: decode costs little, the driver is what is measured
-        sf.write(clip, (np.random.default_rng(0).standard_normal(SAMPLE_RATE_HZ) * 0.01).astype(np.float32),
+        clip = work / "clip.wav"  # a tenth of a second of noise: decode costs little, the driver is what is measured
+        sf.write(clip, (np.random.default_rng(0).standard_normal(SAMPLE_RATE_HZ // 10) * 0.01).astype(np.float32),
                  SAMPLE_RATE_HZ)
         results = []
         for n in (rows, rows * 10):
@@ -105,9 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     print(HEADER, flush=True)
     small, large = run(args.rows, sets)
     marginal = 1e6 * (large.driver_cpu_s - small.driver_cpu_s) / (large.rows - small.rows)
+    marginal_job = 1e6 * (large.job_cpu_s - small.job_cpu_s) / (large.rows - small.rows)
     print(f"driver peak memory, large / small: {large.driver_peak_mib / small.driver_peak_mib:.2f}")
     print(f"driver cpu per row: {small.cpu_us_per_row:.1f} us (small), {large.cpu_us_per_row:.1f} us (large), "
-          f"marginal {marginal:.1f} us")
+          f"marginal {marginal:.1f} us; inside run_job {small.job_cpu_us_per_row:.1f} / {large.job_cpu_us_per_row:.1f} us, "
+          f"marginal {marginal_job:.1f} us")
 
 
 if __name__ == "__main__":

@@ -225,16 +225,17 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
     Raises only when the job cannot run."""
     started = time.time()
     clock = time.perf_counter()
+    cpu = time.process_time()
     if not ray_address(cfg):
         preflight(cfg.engine)  # a local Ray's workers see this machine's files: fail before starting it
     manifest = Manifest.open(manifest_uri, cfg)  # its head, rows and fingerprint, read once, before anything starts
     phases = {"manifest": time.perf_counter() - clock}
     with nullcontext(claim) if claim else claim_output(output_uri, cfg.storage.options) as held:
-        return _run(cfg, manifest, output_uri, overwrite, held, started, clock, phases)
+        return _run(cfg, manifest, output_uri, overwrite, held, started, clock, cpu, phases)
 
 
 def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, claim: Claim, started: float,
-         clock: float, phases: dict[str, float]) -> RunResult:
+         clock: float, cpu: float, phases: dict[str, float]) -> RunResult:
     mark = time.perf_counter()
     schema = transcript_schema(manifest.extras)
     writer = TranscriptWriter(output_uri, schema, cfg.storage.options, cfg.output.rows_per_file,
@@ -286,7 +287,8 @@ def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, c
         max_failed_fraction=cfg.output.max_failed_fraction,
         this_run=RunFigures(attempt=resume.attempt, n_committed_before=resume.committed_rows,
                             n_processed=run.n_input, audio_s=round(run.audio_s, 3),
-                            inference_s=round(run.inference_s, 3), job_wall_s=round(wall, 3)),
+                            inference_s=round(run.inference_s, 3), job_wall_s=round(wall, 3),
+                            driver_cpu_s=round(time.process_time() - cpu, 3)),
         stopped_early=stopped_early,
     )
     return RunResult(summary, summary.write(output_uri, cfg.storage.options))

@@ -82,6 +82,7 @@ class RunFigures(_Model):
     audio_s: float
     inference_s: float
     job_wall_s: float
+    driver_cpu_s: float | None = None  # CPU the driver process spent on this attempt (every thread of it)
 
 
 class Scores(_Model):

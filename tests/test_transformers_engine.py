@@ -26,6 +26,7 @@ from pipeline.config import DEFAULT_MODELS, TransformersOptions, load_config
 from pipeline.engines import EngineUnavailable, load_engine, preflight
 from pipeline.engines.base import EngineRequest
 from pipeline.engines.transformers import CTC_VOCAB_FILE, DraftStats, TransformersEngine, ctc_vocabulary
+from pipeline.keywords import sanitize_keywords
 from pipeline.records import Status
 
 from .conftest import EVAL_DIR, REPO, eval_rows
@@ -136,7 +137,8 @@ def test_batch_gives_one_result_per_request_in_order_with_statuses(engine, clips
     batch = [clips[0], EngineRequest(id="xx", samples=audio, language="xx"),
              EngineRequest(id="fr-de", samples=audio, language="fr", task="translate", target_language="de"),
              EngineRequest(id="long", samples=minute, language="en"), clips[1],
-             EngineRequest(id="kw", samples=audio, language="en", keywords=("Quarry", "<|audio|>Ray\n"))]
+             EngineRequest(id="kw", samples=audio, language="en",
+                           keywords=sanitize_keywords(["Quarry", "<|audio|>Ray\n"]))]
     results = engine.transcribe(batch)
     assert [r.status for r in results] == ["ok", "unsupported_task", "unsupported_task", "too_long", "ok", "ok"]
     assert "max_model_len" in results[3].error and results[3].text is None
@@ -288,13 +290,13 @@ def test_ctc_vocabulary_granite_layout_and_checkpoint_file(tmp_path, engine):
 
 def test_config_load_engine_and_preflight(checkpoint, tmp_path, monkeypatch):
     cfg = load_config(None, ["engine.name=transformers", f"engine.model={checkpoint}", "engine.transformers.device=cpu",
-                             "engine.transformers.speculative=lossless", "task.max_keywords=1"])
+                             "engine.transformers.speculative=lossless"])
     assert DEFAULT_MODELS["transformers"] == "ibm-granite/granite-4.0-1b-speech"
     assert load_config(None, ["engine.name=transformers"]).engine.model == DEFAULT_MODELS["transformers"]
     assert TransformersOptions().speculative == "off" and TransformersOptions().dtype == "auto"
     preflight(cfg.engine)  # a local folder: fine
     eng = load_engine(cfg.engine, cfg.task)
-    assert isinstance(eng, TransformersEngine) and eng.speculative == "lossless" and eng.prompts.limits.max_keywords == 1
+    assert isinstance(eng, TransformersEngine) and eng.speculative == "lossless" 
     assert eng.device == "cpu" and str(eng.dtype) == "torch.float32"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(EngineUnavailable, match=r"transformers model 'ibm-granite/granite-4.0-1b-speech'.*HF_HUB_OFFLINE"):
