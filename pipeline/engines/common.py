@@ -1,5 +1,6 @@
 """What the checkpoint-loading engines (vllm.py, transformers.py) share: finding the checkpoint
-folder, reading its model type, and the output-token budget that decides ``too_long``.
+folder, reading its model type, the output-token budget that decides ``too_long``, and which
+requests of a batch run at all (:func:`admit`).
 
 Plain Python only (no torch, no pydantic at import): the transformers engine's GPU benchmark runs
 where little else is installed.
@@ -10,9 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .base import EngineUnavailable
+from ..constants import Status
+from .base import EngineRequest, EngineResult, EngineUnavailable
+from .prompts import PromptBuilder, normalize_language
 
 
 def hub_offline() -> bool:
@@ -69,3 +73,26 @@ def output_budget(duration_s: float, prompt_tokens: int, *, max_model_len: int,
         return (f"{duration_s:.1f} s of audio needs {prompt_tokens} prompt tokens; "
                 f"max_model_len {max_model_len} leaves no room for output")
     return min(wanted, room)
+
+
+def admit(requests: Sequence[EngineRequest], prompts: PromptBuilder,
+          max_tokens: Callable[[EngineRequest, str], int | str]
+          ) -> tuple[list[EngineResult | None], list[tuple[int, EngineRequest, str, int]]]:
+    """A batch's results, pre-filled for requests that cannot run (a task the model cannot do:
+    ``unsupported_task``; longer than the model holds: ``too_long``, ``max_tokens`` giving the
+    reason as text), and the rest as (index, request, prompt, output budget) to run."""
+    results: list[EngineResult | None] = [None] * len(requests)
+    admitted = []
+    for i, req in enumerate(requests):
+        language = normalize_language(req.language)
+        reason = prompts.unsupported(req)
+        if reason:
+            results[i] = EngineResult(None, Status.UNSUPPORTED_TASK.value, reason, language=language)
+            continue
+        prompt = prompts.build(req)
+        budget = max_tokens(req, prompt)
+        if isinstance(budget, str):
+            results[i] = EngineResult(None, Status.TOO_LONG.value, budget, language=language)
+            continue
+        admitted.append((i, req, prompt, budget))
+    return results, admitted

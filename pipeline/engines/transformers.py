@@ -50,9 +50,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import numpy as np
 
-from ..constants import Status
 from .base import EngineRequest, EngineResult, EngineUnavailable
-from .common import model_type, output_budget, resolve_model
+from .common import admit, model_type, output_budget, resolve_model
 from .prompts import GranitePrompts, normalize_language
 
 if TYPE_CHECKING:
@@ -317,21 +316,11 @@ class TransformersEngine:
     # --- the batch -----------------------------------------------------------------------
 
     def transcribe(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
-        results: list[EngineResult | None] = [None] * len(requests)
+        results, admitted = admit(requests, self.prompts, self._max_tokens)
         self.last_prompts = [None] * len(requests)
         self.last_token_ids = [None] * len(requests)
         rows: list[_Row] = []
-        for i, req in enumerate(requests):
-            language = normalize_language(req.language)
-            reason = self.prompts.unsupported(req)
-            if reason:
-                results[i] = EngineResult(None, Status.UNSUPPORTED_TASK.value, reason, language=language)
-                continue
-            prompt = self.prompts.build(req)
-            budget = self._max_tokens(req, prompt)
-            if isinstance(budget, str):
-                results[i] = EngineResult(None, Status.TOO_LONG.value, budget, language=language)
-                continue
+        for i, req, prompt, budget in admitted:
             self.last_prompts[i] = prompt
             rows.append(_Row(i, req, prompt, budget))
         if rows:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from ..config import VllmOptions
 from ..constants import SAMPLE_RATE_HZ, Status
 from .base import EngineRequest, EngineResult, EngineUnavailable
-from .common import model_type, output_budget
+from .common import admit, model_type, output_budget
 from .common import resolve_model as _resolve
 from .prompts import GranitePrompts, PromptBuilder, WhisperPrompts, normalize_language
 
@@ -168,20 +168,10 @@ class VllmEngine:
     def transcribe(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
         from vllm import SamplingParams
 
-        results: list[EngineResult | None] = [None] * len(requests)
+        results, admitted = admit(requests, self.prompts, self._max_tokens)
         prompts: list[str | None] = [None] * len(requests)
         inputs, params, slots = [], [], []
-        for i, req in enumerate(requests):
-            language = normalize_language(req.language)
-            reason = self.prompts.unsupported(req)
-            if reason:
-                results[i] = EngineResult(None, Status.UNSUPPORTED_TASK.value, reason, language=language)
-                continue
-            prompt = self.prompts.build(req)
-            budget = self._max_tokens(req, prompt)
-            if isinstance(budget, str):
-                results[i] = EngineResult(None, Status.TOO_LONG.value, budget, language=language)
-                continue
+        for i, req, prompt, budget in admitted:
             prompts[i] = prompt
             inputs.append(self._input(prompt, req.samples))
             # logprobs=0: only the chosen token's log-probability, enough for avg_logprob.
