@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..config import EngineConfig, TaskConfig
-from .base import Engine, EngineDead, EngineRequest, EngineResult, EngineUnavailable, is_engine_dead
+from .base import Engine, EngineDead, EngineRequest, EngineResult, EngineUnavailable, Word, is_engine_dead
 
 
 def _whisper(cfg: EngineConfig, task: TaskConfig) -> Engine:
@@ -58,4 +58,4 @@ def load_engine(cfg: EngineConfig, task: TaskConfig | None = None) -> Engine:
 
 
 __all__ = ["Engine", "EngineDead", "EngineRequest", "EngineResult", "EngineUnavailable", "is_engine_dead",
-           "load_engine", "preflight"]
+           "Word", "load_engine", "preflight"]
