@@ -167,7 +167,7 @@ SEGMENT = ColumnGroup("segment", (  # where a row sits in its recording; the dri
     pa.field("end_s", pa.float64()),
     pa.field("seam_overlap_s", pa.float64()),  # audio shared with the previous segment (fixed windows)
     pa.field("speech", pa.list_(pa.list_(pa.float64()))),  # split mode, segment 0: VAD [start_s, end_s]s
-    pa.field("speaker", pa.string()),  # diarize: who speaks most of this segment
+    pa.field("segment_speaker", pa.string()),  # diarize: who speaks most of this segment
     pa.field("speaker_regions", pa.list_(SPEAKER_REGION)),  # diarize: who speaks when, inside this segment
 ))
 
@@ -217,7 +217,7 @@ def carried_name(name: str) -> str:
 # One row per transcribed segment: OUTPUT/segments/ (timestamps; the recording row holds the whole).
 SEGMENT_TABLE_SCHEMA = pa.schema([column(n) for n in (
     "id", "row_index", "channel", "segment_index", "start_s", "end_s", "text", "status", "error", "avg_logprob",
-    "speaker", "words")])
+    "segment_speaker", "words")])
 
 
 # --- Ids -----------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ class DecodeStage:
                     "end_s": seg.end_s,
                     "seam_overlap_s": seg.overlap_before / SAMPLE_RATE_HZ,
                     "speech": speech if seg.index == 0 else None,
-                    "speaker": main_speaker(as_regions(own)) if own is not None else None,
+                    "segment_speaker": main_speaker(as_regions(own)) if own is not None else None,
                     "speaker_regions": own,
                     "samples": np.ascontiguousarray(samples[seg.start:seg.end], dtype=np.float32).tobytes(),
                 }
