@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -30,7 +31,7 @@ from .scoring import score_row
 from .segment import Segment
 from .stitch import conversation, speaking_stats, stitch
 from .storage import url_to_fs, write_atomic
-from .subtitles import to_srt, to_webvtt
+from .subtitles import MAX_LINE_CHARS, MAX_LINES, to_srt, to_webvtt
 
 
 def subtitle_name(row_id: str) -> str:
@@ -244,13 +245,18 @@ def _words(rows: list[dict]) -> list[dict]:
     return out
 
 
-MAX_CUE_CHARS = 84  # two subtitle lines of 42
 MAX_CUE_GAP_S = 1.0  # a longer pause between words starts a new cue
+
+
+def _fits(text: str) -> bool:
+    """Whether ``text`` is one displayed cue (subtitles.py wraps it into at most MAX_LINES lines)."""
+    return len(textwrap.wrap(text, MAX_LINE_CHARS, break_long_words=False, break_on_hyphens=False)) <= MAX_LINES
 
 
 def word_cues(words: list[dict]) -> list[tuple[float, float, str]]:
     """Cues from timed words: a new cue at a speaker change, a pause over MAX_CUE_GAP_S, or when
-    the text would pass MAX_CUE_CHARS; a cue's time is its words' (prefixed ``spkN:`` when diarized)."""
+    the text would not fit one displayed cue; a cue's time is its words' (prefixed ``spkN:`` when
+    diarized), so subtitles.py never has to share a cue's time out by characters."""
     cues: list[tuple[float, float, str]] = []
     group: list[dict] = []
 
@@ -261,9 +267,13 @@ def word_cues(words: list[dict]) -> list[tuple[float, float, str]]:
                 text = f"{group[0]['speaker']}: {text}"
             cues.append((group[0]["start_s"], max(group[-1]["end_s"], group[0]["start_s"]), text))
 
+    def text_with(w):
+        speaker = f"{group[0]['speaker']}: " if group[0].get("speaker") else ""
+        return speaker + " ".join(x["word"] for x in group + [w])
+
     for w in words:
         if group and (w.get("speaker") != group[-1].get("speaker") or w["start_s"] - group[-1]["end_s"] > MAX_CUE_GAP_S
-                      or len(" ".join(x["word"] for x in group)) + 1 + len(w["word"]) > MAX_CUE_CHARS):
+                      or not _fits(text_with(w))):
             flush()
             group = []
         group.append(w)

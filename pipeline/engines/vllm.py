@@ -258,4 +258,18 @@ class VllmEngine:
             "output_tokens": len(token_ids),
             "finish_reason": completion.finish_reason,
         }
-        return EngineResult(completion.text.strip(), language=language, avg_logprob=avg, prompt=prompt, extra=extra)
+        text = completion.text.strip()
+        return EngineResult(text, language=language, avg_logprob=avg, prompt=prompt, extra=extra,
+                            words=self._words(req, text))
+
+    def _words(self, req: EngineRequest, text: str):
+        """Word timestamps (Granite): the transcript force-aligned with the encoder's CTC head,
+        loaded on first use (pipeline/align/granite_ctc.py). vLLM's Whisper gives none here."""
+        if not req.words or self.family != "granite":
+            return None
+        from ..align import align_words
+        from ..align.granite_ctc import GraniteCtcAligner
+
+        if getattr(self, "_aligner", None) is None:
+            self._aligner = GraniteCtcAligner(self.checkpoint)
+        return align_words(self._aligner, req.samples, text)
