@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,41 @@ def _email_recognizer():
     return OfflineEmailRecognizer()
 
 
+# Numbers read out on a call that ASR got slightly wrong (a digit dropped or doubled) fail the
+# recognizers' own checks (Luhn, SSN layout, phone plans) but are still the caller's card, SSN or
+# phone number: a run of digits right after the words that announce one is redacted as that.
+SPOKEN_CONTEXT = {  # entity: (announcing words, fewest and most digits, score: the more specific, the higher)
+    "CREDIT_CARD": (r"\b(card|credit|debit|visa|mastercard|amex)\b", 12, 19, 0.6),
+    "US_SSN": (r"\b(social security|ssn)\b", 7, 10, 0.6),
+    "PHONE_NUMBER": (r"\b(call|phone|reach|cell|mobile|dial)\b", 7, 11, 0.45),
+}
+_CONTEXT_CHARS = 48  # how far before the digits the announcing words may be
+_DIGIT_RUN = re.compile(r"\d(?:[\d -]*\d)?")
+
+
+def _context_recognizer(entity: str):
+    """A recognizer for ``entity``: a digit run of the entity's length (spaces and dashes allowed)
+    within _CONTEXT_CHARS after one of its announcing words."""
+    from presidio_analyzer import LocalRecognizer, RecognizerResult
+
+    words, shortest, longest, score = SPOKEN_CONTEXT[entity]
+    context = re.compile(words, re.IGNORECASE)
+
+    class ContextNumberRecognizer(LocalRecognizer):
+        def load(self) -> None:
+            pass
+
+        def analyze(self, text, entities, nlp_artifacts=None):
+            out = []
+            for m in _DIGIT_RUN.finditer(text):
+                n = sum(c.isdigit() for c in m.group())
+                if shortest <= n <= longest and context.search(text[max(0, m.start() - _CONTEXT_CHARS):m.start()]):
+                    out.append(RecognizerResult(entity, m.start(), m.end(), score))
+            return out
+
+    return ContextNumberRecognizer(supported_entities=[entity], name=f"Spoken{entity.title()}Recognizer")
+
+
 class Redactor:
     """Finds and replaces the configured entity types in text."""
 
@@ -88,6 +124,9 @@ class Redactor:
         recognizers = {"CREDIT_CARD": CreditCardRecognizer, "PHONE_NUMBER": PhoneRecognizer,
                        "EMAIL_ADDRESS": _email_recognizer, "US_SSN": UsSsnRecognizer, "IBAN_CODE": IbanRecognizer}
         registry = RecognizerRegistry([recognizers[e]() for e in entities if e in recognizers])
+        for entity in SPOKEN_CONTEXT:
+            if entity in entities:
+                registry.add_recognizer(_context_recognizer(entity))
         if "PERSON" in entities:
             registry.add_recognizer(SpacyRecognizer(supported_entities=["PERSON"]))
         self.entities = entities
