@@ -99,8 +99,9 @@ class Assembler:
             words = recording["words"] or []
             for r in rows:
                 r["text"] = None
-                if r["words"] is not None:
-                    r["words"] = [w for w in words if r["start_s"] <= w["start_s"] < (r["end_s"] or 0)]
+                if r["words"] is not None:  # its own stretch (and channel) of the recording's redacted words
+                    r["words"] = [w for w in words if r["start_s"] <= w["start_s"] < (r["end_s"] or 0)
+                                  and (r["channel"] is None or w["speaker"] == r["channel"])]
 
     @property
     def pending(self) -> int:

@@ -145,6 +145,7 @@ class VllmEngine:
         self.prompts: PromptBuilder = self._prompt_builder(keyword_limits or KeywordLimits())
         self.last_prompts: list[str | None] = []
         """Prompt sent for each request of the last ``transcribe`` call (None: not sent)."""
+        self._aligner = None  # Granite's CTC-head aligner, loaded on the first request for words
 
     def _prompt_builder(self, limits: KeywordLimits) -> PromptBuilder:
         if self.family == "granite":
@@ -270,6 +271,6 @@ class VllmEngine:
         from ..align import align_words
         from ..align.granite_ctc import GraniteCtcAligner
 
-        if getattr(self, "_aligner", None) is None:
+        if self._aligner is None:
             self._aligner = GraniteCtcAligner(self.checkpoint)
         return align_words(self._aligner, req.samples, text)
