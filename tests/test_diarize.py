@@ -68,6 +68,32 @@ def test_diarize_on_split_channels_is_refused():
 
 # --- Resemblyzer, for real ----------------------------------------------------------------------
 
+@pytest.mark.slow
+def test_mel_frames_and_encoder_match_resemblyzers_own_without_loading_numba(tmp_path):
+    """The backend computes Resemblyzer's mel frames in numpy and loads its encoder weights itself:
+    Resemblyzer's package imports librosa -> numba -> llvmlite, which breaks vLLM's start-up in the
+    same process. Compared with Resemblyzer's own functions in a child process."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from pipeline.diarize.resemblyzer_backend import mel_frames, speaker_encoder, weights_path
+
+    wav = EVAL_DIR / next(r for r in eval_rows("en"))["audio"]
+    samples, _ = sf.read(wav, dtype="float32")
+    ours = mel_frames(samples)
+    with torch.inference_mode():
+        embedding = speaker_encoder(torch, weights_path())(torch.from_numpy(ours[None, :160])).numpy()
+    script = (f"import numpy as np, soundfile as sf, torch; from resemblyzer import VoiceEncoder; "
+              f"from resemblyzer.audio import wav_to_mel_spectrogram; x, _ = sf.read({str(wav)!r}, dtype='float32'); "
+              f"m = wav_to_mel_spectrogram(x); e = VoiceEncoder('cpu', verbose=False)(torch.from_numpy(m[None, :160]));"
+              f"np.save({str(tmp_path / 'mel.npy')!r}, m); np.save({str(tmp_path / 'emb.npy')!r}, e.detach().numpy())")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert np.abs(ours - np.load(tmp_path / "mel.npy")).max() < 1e-4
+    assert np.abs(embedding - np.load(tmp_path / "emb.npy")).max() < 1e-5
+    assert "llvmlite" not in sys.modules
+
 def _audio(clip_id: str) -> np.ndarray:
     row = next(r for r in eval_rows() if r["id"] == clip_id)
     samples, rate = sf.read(EVAL_DIR / row["audio"], dtype="float32")

@@ -16,6 +16,8 @@ backend installs and runs with no model hub. Steps, on the whole recording:
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -26,6 +28,65 @@ from .turns import SpeakerRegion
 
 FRAME_S = 0.01  # Resemblyzer's mel hop (hparams.mel_window_step)
 _BATCH = 64  # windows per encoder call
+N_FFT, HOP, N_MELS, HIDDEN, LAYERS = 400, 160, 40, 256, 3  # Resemblyzer's hparams (25 ms window, 10 ms hop)
+
+
+def weights_path() -> Path:
+    """Resemblyzer's speaker encoder weights (``pretrained.pt`` inside its wheel), found without
+    importing the package: its ``__init__`` imports librosa and so numba / llvmlite, and with
+    llvmlite loaded vLLM 0.32's CPU engine fails to start in the same process (its kernel scan
+    trips over llvmlite's objects), which a Ray worker reused for an engine actor, or a test
+    session, would be."""
+    spec = importlib.util.find_spec("resemblyzer")
+    path = Path(spec.submodule_search_locations[0]) / "pretrained.pt" if spec else None
+    if path is None or not path.is_file():
+        from . import DiarizerUnavailable
+
+        raise DiarizerUnavailable("diarize.model 'resemblyzer' needs the resemblyzer package (its weights): install "
+                                  "the callcenter extra (pip install '.[callcenter]')")
+    return path
+
+
+def _hz_to_mel(f):
+    f = np.asarray(f, dtype=np.float64)
+    mel = f / (200.0 / 3)
+    log = f >= 1000.0
+    return np.where(log, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / (np.log(6.4) / 27.0), mel)
+
+
+def _mel_to_hz(m):
+    m = np.asarray(m, dtype=np.float64)
+    f = m * (200.0 / 3)
+    return np.where(m >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0)), f)
+
+
+def mel_filters(sr: int = SAMPLE_RATE_HZ, n_fft: int = N_FFT, n_mels: int = N_MELS) -> np.ndarray:
+    """(n_mels, 1 + n_fft // 2) Slaney-style mel filterbank, as librosa.filters.mel builds it by default."""
+    fft_hz = np.linspace(0, sr / 2, 1 + n_fft // 2)
+    mel_hz = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sr / 2), n_mels + 2))
+    widths = np.diff(mel_hz)
+    ramps = mel_hz[:, None] - fft_hz[None, :]
+    lower = -ramps[:-2] / widths[:-1, None]
+    upper = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0, np.minimum(lower, upper))
+    return weights * (2.0 / (mel_hz[2:] - mel_hz[:-2]))[:, None]
+
+
+_FILTERS = mel_filters()
+_WINDOW = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)  # periodic Hann, as librosa's
+
+
+def mel_frames(wav: np.ndarray) -> np.ndarray:
+    """(frames, 40) power mel spectrogram, as ``resemblyzer.audio.wav_to_mel_spectrogram`` computes
+    it with librosa (centred frames, zero padding, power 2), in numpy."""
+    padded = np.pad(wav.astype(np.float32), N_FFT // 2)
+    n = 1 + (len(padded) - N_FFT) // HOP
+    out = np.empty((n, N_MELS), np.float32)
+    for a in range(0, n, 4096):  # bounded memory for long recordings
+        idx = np.arange(a, min(n, a + 4096))[:, None] * HOP + np.arange(N_FFT)[None, :]
+        power = np.abs(np.fft.rfft(padded[idx] * _WINDOW, axis=1)) ** 2
+        out[a:a + len(idx)] = power @ _FILTERS.T
+    return out
 
 
 def _unavailable(what: str, e: Exception):
@@ -41,18 +102,16 @@ class ResemblyzerDiarizer:
     def __init__(self, cfg: DiarizeConfig):
         try:
             import torch
-            from resemblyzer import VoiceEncoder
-            from resemblyzer.audio import wav_to_mel_spectrogram
             from sklearn.cluster import AgglomerativeClustering  # noqa: F401 - checked here, used per call
         except ImportError as e:
-            raise _unavailable("resemblyzer, torch and scikit-learn", e) from e
+            raise _unavailable("torch and scikit-learn", e) from e
         self.cfg = cfg
         self._torch = torch
         # One thread: this runs in decode tasks that reserve a fraction of a CPU; more threads only
         # fight each other there (measured: 12x slower with 2 threads on a busy 2-core machine).
         torch.set_num_threads(1)
-        self._mel = wav_to_mel_spectrogram
-        self._encoder = VoiceEncoder("cpu", verbose=False)
+        self._mel = mel_frames
+        self._encoder = speaker_encoder(torch, weights_path())
 
     # --- steps -----------------------------------------------------------------------------
 
@@ -159,6 +218,28 @@ class ResemblyzerDiarizer:
         frame_labels = np.where(is_speech, labels[nearest], -1)
         frame_labels = self._smoothed(frame_labels, is_speech)
         return _regions(frame_labels)
+
+
+def speaker_encoder(torch, weights: Path):
+    """Resemblyzer's ``VoiceEncoder`` network (3-layer LSTM over 40 mel bands, linear + ReLU,
+    L2-normalised 256-d output) with its weights."""
+    nn = torch.nn
+
+    class SpeakerEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(N_MELS, HIDDEN, LAYERS, batch_first=True)
+            self.linear = nn.Linear(HIDDEN, HIDDEN)
+
+        def forward(self, mels):
+            _, (hidden, _) = self.lstm(mels)
+            raw = torch.relu(self.linear(hidden[-1]))
+            return raw / torch.norm(raw, dim=1, keepdim=True)
+
+    model = SpeakerEncoder()
+    state = torch.load(weights, map_location="cpu", weights_only=True)["model_state"]
+    model.load_state_dict({k: v for k, v in state.items() if k.split(".")[0] in ("lstm", "linear")})
+    return model.eval()
 
 
 def _regions(frame_labels: np.ndarray) -> list[SpeakerRegion]:
