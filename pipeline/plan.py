@@ -273,6 +273,12 @@ def preflight_features(cfg: JobConfig) -> None:
     """Load the optional features' models once on the driver, so one that cannot load fails the
     job before Ray starts, with its own message (each is small: Resemblyzer 17 MB, whisper base,
     Presidio's recognizers)."""
+    if cfg.diarize.enabled or cfg.task.detect_language:
+        import numpy as np
+
+        from .speech import highpassed
+
+        highpassed(np.zeros(160, np.float32))
     if cfg.diarize.enabled:
         from .diarize import preflight as diarize_preflight
 

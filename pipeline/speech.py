@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import CannotRun
 from .records import SAMPLE_RATE_HZ
 from .segment import speech_regions
 
@@ -19,9 +20,17 @@ HIGHPASS_HZ = 80.0
 _BLOCK = 10 * SAMPLE_RATE_HZ  # filtered block by block, the filter state carried: bounded memory
 
 
+class SpeechAnalysisUnavailable(CannotRun, RuntimeError):
+    """scipy (the high-pass filter) is not installed."""
+
+
 def highpassed(samples: np.ndarray) -> np.ndarray:
     """``samples`` (16 kHz mono) through an 80 Hz high-pass, as float32."""
-    from scipy.signal import butter, sosfilt, sosfilt_zi
+    try:
+        from scipy.signal import butter, sosfilt, sosfilt_zi
+    except ImportError as e:
+        raise SpeechAnalysisUnavailable("diarize and task.detect_language need scipy: install the callcenter "
+                                        "extra (pip install '.[callcenter]')") from e
 
     sos = butter(4, HIGHPASS_HZ, "highpass", fs=SAMPLE_RATE_HZ, output="sos")
     out = np.empty(len(samples), np.float32)
