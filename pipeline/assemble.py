@@ -283,7 +283,7 @@ def word_cues(words: list[dict]) -> list[tuple[float, float, str]]:
 
 
 def _cues(rows: list[dict], split: bool, words: list[dict] | None = None) -> list[tuple[float, float, str]]:
-    if words is not None and not split:
+    if words is not None:  # split channels: each word's speaker is its channel
         return word_cues(words)
     if not split and len(rows) == 1 and rows[0]["words"] is not None:
         return word_cues(rows[0]["words"])

@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow as pa
 
 from .audio import AudioError, load_audio
-from .errors import CannotRun
 from .config import AudioConfig, DiarizeConfig, EngineConfig, RedactConfig, ScoringConfig, SegmentConfig, TaskConfig
 from .diarize.turns import as_regions, clip, main_speaker, speaker_columns
 from .engines import EngineRequest, EngineResult, is_engine_dead, load_engine
+from .errors import CannotRun
 from .records import (DECODED, ENGINE, KEYWORDS, LANGID, OK, OUTPUT, PREPARED, RECORDING, REDACTED, SAMPLE_RATE_HZ,
                       SAMPLES, SCORE, SEGMENT, SPEAKERS, TEXT, WORDS, ColumnGroup, Status, null_row, schema_of)
 from .scoring import score_row
@@ -100,16 +100,16 @@ class DecodeStage:
             return
         row.update(duration_s=decoded.duration_s, source_sample_rate=decoded.source_sample_rate,
                    source_channels=decoded.source_channels)
-        streams = decoded.samples.T if split else decoded.samples[None, :]
-        row["n_channels"] = len(streams)
         try:
             regions = self._analyse(row, decoded.samples.mean(axis=1) if split else decoded.samples)
         except CannotRun:
             raise  # a model that cannot load fails the job, as an engine that cannot does
-        except Exception as e:  # noqa: BLE001 - a failure on this recording is this row's
+        except Exception as e:  # noqa: BLE001 - a failure on this recording is this row's (one row, as a decode failure)
             row["status"], row["error"] = Status.DECODE_ERROR.value, f"cannot analyse the audio: {type(e).__name__}: {e}"
             yield row
             return
+        streams = decoded.samples.T if split else decoded.samples[None, :]
+        row["n_channels"] = len(streams)
         for c, strided in enumerate(streams):
             samples = np.ascontiguousarray(strided)  # one channel of an interleaved array: copy it once
             channel = self._channel_name(c) if split else None

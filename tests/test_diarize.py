@@ -59,6 +59,14 @@ def test_turns_take_the_words_inside_them_and_talk_time_counts_each_moment_once(
                         {"speaker": "spk1", "text": "hi late", "speaking_s": 2.0}]
 
 
+def test_pyannote_backend_without_the_hub_names_the_model_and_the_offline_choice(monkeypatch):
+    from pipeline.diarize import DiarizerUnavailable, load_diarizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DiarizerUnavailable, match=r"pyannote/speaker-diarization-3.1.*resemblyzer"):
+        load_diarizer(DiarizeConfig(enabled=True, model="pyannote/speaker-diarization-3.1"))
+
+
 def test_diarize_on_split_channels_is_refused():
     from pipeline.config import ConfigError
 
