@@ -231,8 +231,9 @@ class DiarizeConfig(_Section):
     model: str = Field(
         "resemblyzer",
         description="resemblyzer: Resemblyzer's speaker encoder (weights inside its wheel, offline) on "
-        "sliding windows + agglomerative clustering; pyannote: pyannote.audio's pipeline (a hub name "
-        "such as pyannote/speaker-diarization-3.1, or a local folder; needs the hub or a local copy).",
+        "sliding windows + agglomerative clustering; anything else names a pyannote.audio pipeline (a hub "
+        "name such as pyannote/speaker-diarization-3.1 with HF_TOKEN, or a local folder; pip install "
+        "pyannote.audio).",
     )
     max_speakers: int = Field(2, ge=1, description="At most this many speakers per recording.")
     min_speakers: int = Field(1, ge=1, description="At least this many speakers (when there is speech).")
