@@ -7,7 +7,8 @@ downloaded) or, for ``PERSON``, a spaCy NER pipeline installed as a package. Its
 replaces each entity by ``[TYPE]``. :func:`redact_row` fills a row's ``records.REDACTED`` columns
 and, with ``drop_text``, replaces every raw text of the row by its redacted form. It runs in the
 workers for recordings whole in one row (``stages.RedactStage``) and on the driver for stitched
-ones (assemble.py): about 2-5 ms per row of a few hundred words (measured in tests/test_redact.py).
+ones (assemble.py): 0.6-7 ms per transcript on this machine (benchmarks/bench_features.py,
+tests/test_redact.py), most of it in the phone-number matcher.
 """
 
 from __future__ import annotations
