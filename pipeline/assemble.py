@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import hashlib
 import re
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import ScoringConfig
+from .config import RedactConfig, ScoringConfig
+from .diarize.turns import as_regions, speaker_columns
 from .records import OK, SAMPLE_RATE_HZ, SCORE, SEGMENT, SEGMENT_TABLE_SCHEMA, Status
 from .scoring import score_row
 from .segment import Segment
 from .stitch import conversation, speaking_stats, stitch
 from .storage import url_to_fs, write_atomic
-from .subtitles import to_srt, to_webvtt
+from .subtitles import MAX_LINE_CHARS, MAX_LINES, to_srt, to_webvtt
 
 
 def subtitle_name(row_id: str) -> str:
@@ -77,11 +79,29 @@ class Assembler:
     """Segment rows in (``stages.scored_schema``), recording and segment rows out."""
 
     def __init__(self, transcript_schema: pa.Schema, scoring: ScoringConfig,
-                 subtitles: SubtitleWriter | None = None):
+                 subtitles: SubtitleWriter | None = None, redact: RedactConfig | None = None):
         self.schema = transcript_schema
         self.scoring = scoring
         self.subtitles = subtitles
+        self.redact = redact if redact is not None and redact.enabled else None
+        self._redactor = None
         self._pending: dict[int, _Pending] = {}
+
+    def _redact(self, recording: dict, rows: list[dict]) -> None:
+        """Redaction of a stitched recording (on the driver: it needs the whole text). With
+        drop_text, its segment rows lose their raw text too."""
+        from .redact import load_redactor, redact_row
+
+        if self._redactor is None:
+            self._redactor = load_redactor(self.redact)
+        redact_row(recording, self._redactor, self.redact)
+        if self.redact.drop_text:
+            words = recording["words"] or []
+            for r in rows:
+                r["text"] = None
+                if r["words"] is not None:  # its own stretch (and channel) of the recording's redacted words
+                    r["words"] = [w for w in words if r["start_s"] <= w["start_s"] < (r["end_s"] or 0)
+                                  and (r["channel"] is None or w["speaker"] == r["channel"])]
 
     @property
     def pending(self) -> int:
@@ -134,8 +154,6 @@ class Assembler:
     def _finish(self, rows: list[dict], recordings: list, segments: list, *, split: bool,
                 missing: str | None = None) -> None:
         decoded = rows[0]["duration_s"] is not None
-        if decoded:
-            segments.extend(_segment_row(r) for r in rows)
         recording = self._recording(rows, split) if len(rows) > 1 or split else dict(rows[0])
         if missing:
             recording["status"], recording["error"] = Status.INFERENCE_ERROR.value, missing
@@ -147,8 +165,12 @@ class Assembler:
             recording.update({k: scored[k] for k in SCORE.names})
         elif len(rows) > 1:
             score_row(recording, self.scoring)
+        if self.redact and not missing:
+            self._redact(recording, rows)
+        if decoded:
+            segments.extend(_segment_row(r) for r in rows)
         if self.subtitles and decoded:
-            self.subtitles.write(recording["id"], _cues(rows, split))
+            self.subtitles.write(recording["id"], _cues(rows, split, recording["words"]))
         for name in SEGMENT.names:
             recording.pop(name, None)
         recordings.append(recording)
@@ -179,6 +201,12 @@ class Assembler:
                  for c, rs in by_channel.items()}
         if not split:
             row["text"] = texts[None] if ok else None
+            row["words"] = _words(rows) if any(r["words"] is not None for r in ok) else None
+            if any(r["speaker_regions"] is not None for r in rows):
+                regions = as_regions(reg for r in rows for reg in r["speaker_regions"] or ())
+                speakers, turns, row["words"] = speaker_columns(regions, row["words"])
+                if ok and not failed:
+                    row["speakers"], row["speaker_turns"] = speakers, turns
             return row
         speech = {c: (rs[0]["speech"] if rs[0]["speech"] is not None else [(r["start_s"], r["end_s"]) for r in rs])
                   for c, rs in by_channel.items()}
@@ -189,6 +217,9 @@ class Assembler:
         row["conversation"] = conversation({c: [(r["start_s"], r["end_s"], r["text"]) for r in rs if r["status"] == OK]
                                             for c, rs in by_channel.items()})
         row["text"] = "\n".join(f"{turn['channel']}: {turn['text']}" for turn in row["conversation"]) if ok else None
+        if any(r["words"] is not None for r in ok):  # every channel's words in time order, the channel as speaker
+            row["words"] = sorted(({**w, "speaker": c} for c, rs in by_channel.items() for w in _words(rs)),
+                                  key=lambda w: (w["start_s"], w["speaker"]))
         return row
 
 
@@ -201,7 +232,61 @@ def _segment_row(row: dict) -> dict:
     return {name: row[name] for name in SEGMENT_TABLE_SCHEMA.names}
 
 
-def _cues(rows: list[dict], split: bool) -> list[tuple[float, float, str]]:
+def _words(rows: list[dict]) -> list[dict]:
+    """The recording's words from its segments' (already in recording time). Where fixed windows
+    overlap, each side keeps the words whose middle is on its side of the overlap's middle."""
+    out: list[dict] = []
+    for i, r in enumerate(rows):
+        if r["status"] != OK or not r["words"]:
+            continue
+        lo = r["start_s"] + (r["seam_overlap_s"] or 0.0) / 2 if i else float("-inf")
+        nxt = rows[i + 1] if i + 1 < len(rows) else None
+        hi = nxt["start_s"] + (nxt["seam_overlap_s"] or 0.0) / 2 if nxt and nxt["seam_overlap_s"] else float("inf")
+        out.extend(w for w in r["words"] if lo <= (w["start_s"] + w["end_s"]) / 2 < hi)
+    return out
+
+
+MAX_CUE_GAP_S = 1.0  # a longer pause between words starts a new cue
+
+
+def _fits(text: str) -> bool:
+    """Whether ``text`` is one displayed cue (subtitles.py wraps it into at most MAX_LINES lines)."""
+    return len(textwrap.wrap(text, MAX_LINE_CHARS, break_long_words=False, break_on_hyphens=False)) <= MAX_LINES
+
+
+def word_cues(words: list[dict]) -> list[tuple[float, float, str]]:
+    """Cues from timed words: a new cue at a speaker change, a pause over MAX_CUE_GAP_S, or when
+    the text would not fit one displayed cue; a cue's time is its words' (prefixed ``spkN:`` when
+    diarized), so subtitles.py never has to share a cue's time out by characters."""
+    cues: list[tuple[float, float, str]] = []
+    group: list[dict] = []
+
+    def flush():
+        if group:
+            text = " ".join(w["word"] for w in group)
+            if group[0].get("speaker"):
+                text = f"{group[0]['speaker']}: {text}"
+            cues.append((group[0]["start_s"], max(group[-1]["end_s"], group[0]["start_s"]), text))
+
+    def text_with(w):
+        speaker = f"{group[0]['speaker']}: " if group[0].get("speaker") else ""
+        return speaker + " ".join(x["word"] for x in group + [w])
+
+    for w in words:
+        if group and (w.get("speaker") != group[-1].get("speaker") or w["start_s"] - group[-1]["end_s"] > MAX_CUE_GAP_S
+                      or not _fits(text_with(w))):
+            flush()
+            group = []
+        group.append(w)
+    flush()
+    return cues
+
+
+def _cues(rows: list[dict], split: bool, words: list[dict] | None = None) -> list[tuple[float, float, str]]:
+    if words is not None:  # split channels: each word's speaker is its channel
+        return word_cues(words)
+    if not split and len(rows) == 1 and rows[0]["words"] is not None:
+        return word_cues(rows[0]["words"])
     ok = [r for r in rows if r["status"] == OK and (r["text"] or "").strip()]
     if split:
         return [(r["start_s"], r["end_s"], f"{r['channel']}: {r['text'].strip()}")

@@ -33,7 +33,7 @@ import soundfile as sf
 import soxr
 
 from .records import SAMPLE_RATE_HZ, Status
-from .redact import redact_text, redact_uri
+from .scrub import redact_text, redact_uri
 from .storage import DEFAULT_RETRY, NotRegularObject, ObjectTooLarge, RetryPolicy, is_transient, read_bytes
 
 BLOCK_FRAMES = 1 << 19  # source frames decoded per step at most: ~11 s at 48 kHz
@@ -74,7 +74,7 @@ def fetch_bytes(uri: str, storage_options: dict[str, Any] | None = None, retry: 
     Transient faults (throttling, 5xx, connection resets, an attempt over ``timeout_s``) are
     retried as ``retry`` says (:func:`pipeline.storage.read_bytes`); a missing object or a
     refusal fails at once. ``storage_options`` go to fsspec; they never appear in error messages,
-    and neither do credentials inside ``uri`` (:func:`pipeline.redact.redact_uri`).
+    and neither do credentials inside ``uri`` (:func:`pipeline.scrub.redact_uri`).
     """
     shown = redact_uri(uri)
     try:

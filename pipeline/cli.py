@@ -14,7 +14,7 @@ import click
 
 from .config import load_config
 from .errors import CannotRun, ExitCode
-from .redact import install_log_scrubber, redact_text, register_secret, register_secrets_in
+from .scrub import install_log_scrubber, redact_text, register_secret, register_secrets_in
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
               "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS",

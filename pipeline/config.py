@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .constants import MAX_KEYWORD_CHARS, MAX_KEYWORDS
 from .errors import CannotRun
-from .redact import redact_mapping
+from .scrub import redact_mapping
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local.yaml"
@@ -240,6 +240,23 @@ class TaskConfig(_Section):
     keywords: list[str] = Field(default_factory=list, description="Biasing keywords for every row.")
     max_keywords: int = Field(MAX_KEYWORDS, ge=0)
     max_keyword_chars: int = Field(MAX_KEYWORD_CHARS, ge=1)
+    detect_language: bool = Field(
+        False,
+        description="Label rows that have no language (after task.language) with the language spoken "
+        "in their first speech (VAD regions, leading silence skipped), in the decode stage, before the "
+        "recording is cut: sets `language` and `language_probability`, so prompts and scoring follow it. "
+        "A detected language the engine cannot do gives unsupported_task, as a given one does.",
+    )
+    language_id_model: str = Field(
+        "base",
+        description="The faster-whisper model that detects the language: a multilingual one (`base` "
+        "installs offline; any CTranslate2 folder, or a hub name where the hub is reachable).",
+    )
+    language_id_s: float = Field(
+        30.0, gt=1, le=30,
+        description="Seconds of speech (from the first speech on) the language is detected on; Whisper "
+        "looks at one 30 s window.",
+    )
 
 
 class ScoringConfig(_Section):
@@ -256,7 +273,15 @@ class ScoringConfig(_Section):
 
 class OutputConfig(_Section):
     subtitles: list[Literal["srt", "vtt"]] = Field(
-        default_factory=list, description="Also write OUTPUT/subtitles/<id>.srt / .vtt per recording."
+        default_factory=list, description="Also write OUTPUT/subtitles/<id>.srt / .vtt per recording "
+        "(cues built from words when the row has words)."
+    )
+    words: bool = Field(
+        False,
+        description="Word-level timestamps: a `words` list (word, start_s, end_s, probability, speaker) "
+        "per recording and per segment, in recording time. whisper: faster-whisper's own word "
+        "timestamps; vllm (Granite): the transcript force-aligned to the audio with the encoder's "
+        "CTC head (pipeline/align/).",
     )
     rows_per_file: int = Field(10_000, ge=1, description="Parquet rows per output file (at most).")
     flush_interval_s: float = Field(
@@ -271,6 +296,69 @@ class OutputConfig(_Section):
         description="Stop a job early once at least this many rows are done and the failed share "
         "exceeds max_failed_fraction (completed rows are kept; a rerun resumes).",
     )
+
+
+class DiarizeConfig(_Section):
+    """Speaker diarization of mono recordings (pipeline/diarize/), in the decode stage, on the whole
+    recording before it is cut: each segment and word gets a speaker (spk0, spk1, ... in order of
+    first speech), the recording its speaker turns and talk time per speaker."""
+
+    enabled: bool = Field(False, description="Diarize mono recordings (audio.channels: mix).")
+    model: str = Field(
+        "resemblyzer",
+        description="resemblyzer: Resemblyzer's speaker encoder (weights inside its wheel, offline) on "
+        "sliding windows + agglomerative clustering; anything else names a pyannote.audio pipeline (a hub "
+        "name such as pyannote/speaker-diarization-3.1 with HF_TOKEN, or a local folder; pip install "
+        "pyannote.audio).",
+    )
+    max_speakers: int = Field(2, ge=1, description="At most this many speakers per recording.")
+    min_speakers: int = Field(1, ge=1, description="At least this many speakers (when there is speech).")
+    threshold: float = Field(
+        0.35, gt=0, lt=2,
+        description="resemblyzer: cosine distance between window clusters above which they are "
+        "different speakers (average linkage); below max_speakers the threshold decides the count.",
+    )
+    window_s: float = Field(1.6, ge=0.5, le=4.0, description="resemblyzer: window length, seconds (its encoder's 1.6 s).")
+    hop_s: float = Field(0.4, gt=0, le=2.0, description="resemblyzer: window hop, seconds: the resolution of speaker changes.")
+    min_turn_s: float = Field(
+        0.5, ge=0, description="Speaker runs shorter than this inside speech are given to their neighbours."
+    )
+
+
+REDACTABLE = ("CREDIT_CARD", "PHONE_NUMBER", "EMAIL_ADDRESS", "US_SSN", "IBAN_CODE", "PERSON")
+
+
+class RedactConfig(_Section):
+    """PII redaction of transcripts (pipeline/redact/): Presidio's recognizers over the transcript
+    with spoken numbers ("four one one one") normalised to digits first."""
+
+    entities: list[Literal["CREDIT_CARD", "PHONE_NUMBER", "EMAIL_ADDRESS", "US_SSN", "IBAN_CODE", "PERSON"]] = Field(
+        default_factory=list,
+        description="Entity types to redact into `text_redacted` as [TYPE]; empty: no redaction. PERSON "
+        "needs a spaCy NER model installed as a package (never downloaded); without one it is skipped "
+        "with a warning.",
+    )
+    audio: bool = Field(
+        False,
+        description="Also write <output>/redacted_audio/<id>.flac: the recording with each redacted "
+        "word's time silenced (needs word times: output.words or diarize).",
+    )
+    beep: bool = Field(False, description="With audio: a 1 kHz tone over the spans instead of silence.")
+    drop_text: bool = Field(
+        False,
+        description="Leave raw text out of the output: `text` and segments' text are null, texts per "
+        "channel / speaker / turn and words hold their redacted forms.",
+    )
+    spacy_model: str | None = Field(
+        None,
+        description="A spaCy pipeline installed as a package (e.g. en_core_web_lg) for PERSON; null: a "
+        "blank English pipeline (pattern recognizers only). Never downloaded.",
+    )
+    score_threshold: float = Field(0.3, ge=0, le=1, description="Presidio results scoring below this are not redacted.")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.entities)
 
 
 class StorageConfig(_Section):
@@ -290,6 +378,8 @@ class JobConfig(_Section):
     task: TaskConfig = TaskConfig()
     scoring: ScoringConfig = ScoringConfig()
     output: OutputConfig = OutputConfig()
+    diarize: DiarizeConfig = DiarizeConfig()
+    redact: RedactConfig = RedactConfig()
     storage: StorageConfig = StorageConfig()
 
     def reading_from(self, *prefixes: str) -> "JobConfig":
@@ -299,6 +389,27 @@ class JobConfig(_Section):
         if self.input.allowed_prefixes is not None:
             return self
         return self.model_copy(update={"input": self.input.model_copy(update={"allowed_prefixes": list(prefixes)})})
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobConfig":
+        if self.diarize.enabled and self.audio.channels == "split":
+            raise ValueError("diarize.enabled is for mono recordings: with audio.channels: split each "
+                             "channel is already one speaker")
+        if self.diarize.min_speakers > self.diarize.max_speakers:
+            raise ValueError("diarize.min_speakers is above diarize.max_speakers")
+        if self.redact.audio and not self.redact.enabled:
+            raise ValueError("redact.audio needs redact.entities")
+        if self.redact.audio and not self.word_times:
+            raise ValueError("redact.audio needs word times: set output.words: true (or diarize.enabled)")
+        if self.redact.drop_text and self.output.subtitles and not self.word_times:
+            raise ValueError("redact.drop_text with output.subtitles needs output.words: true (cues are "
+                             "then built from redacted words)")
+        return self
+
+    @property
+    def word_times(self) -> bool:
+        """Whether the engine produces word timestamps: asked for, or needed to give text to speakers."""
+        return self.output.words or self.diarize.enabled
 
     def redacted(self) -> dict[str, Any]:
         """The resolved config as plain data, with every credential masked (:func:`redact.redact_mapping`:

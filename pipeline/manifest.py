@@ -37,7 +37,7 @@ from .config import ColumnsConfig, JobConfig, TaskConfig
 from .errors import CannotRun
 from .keywords import KeywordLimits, row_keywords
 from .records import PREPARED, RowSet, Status, carried_name, schema_of, stable_id
-from .redact import redact_text
+from .scrub import redact_text
 from .storage import has_scheme, normalize_uri, parent_uri, refusal, store_root, url_to_fs
 
 

@@ -24,8 +24,8 @@ from .errors import CannotRun
 from .manifest import Manifest, PrepareStage
 from .output import TranscriptWriter, tally_output
 from .records import transcript_schema
-from .redact import redact_uri
-from .stages import DecodeStage, InferenceStage, ScoreStage
+from .scrub import redact_uri
+from .stages import DecodeStage, InferenceStage, RedactStage, ScoreStage
 from .storage import is_process_local, join_uri, url_to_fs
 from .summary import JobSummary, JobTally, RunFigures
 
@@ -173,20 +173,71 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None)
         batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS,
     )
     ds = ds.map_batches(
-        DecodeStage(cfg.audio, cfg.segment, cfg.storage.options, extras),
+        DecodeStage(cfg.audio, cfg.segment, cfg.storage.options, extras, task=cfg.task, diarize=cfg.diarize),
         batch_format="pyarrow", batch_size=max(1, e.batch_size // 2), num_cpus=cfg.audio.decode_cpus,
     )
     ds = ds.map_batches(
         InferenceStage,
-        fn_constructor_kwargs={"engine": e, "extras": extras, "task": cfg.task},
+        fn_constructor_kwargs={"engine": e, "extras": extras, "task": cfg.task, "words": cfg.word_times},
         compute=ActorPoolStrategy(size=engine_replicas(e)),
         batch_format="pyarrow", batch_size=e.batch_size,
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
         max_restarts=e.max_restarts, max_task_retries=-1,
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=e.batch_size, num_cpus=LIGHT_STAGE_CPUS
     )
+    if cfg.redact.enabled:  # recordings whole in one row; stitched ones on the driver (assemble.py)
+        ds = ds.map_batches(RedactStage(cfg.redact, extras), batch_format="pyarrow", batch_size=e.batch_size,
+                            num_cpus=LIGHT_STAGE_CPUS)
+    return ds
+
+
+class RedactedAudio:
+    """``redact.audio``: a Ray task per finished recording re-reads its audio and writes the copy
+    with the redacted words' time silenced (pipeline/redact/audio.py); the driver only hands out
+    the spans. At most ``MAX_IN_FLIGHT`` tasks wait at once; :meth:`wait` collects them all."""
+
+    MAX_IN_FLIGHT = 16
+
+    def __init__(self, cfg: JobConfig, output_uri: str):
+        import ray
+
+        from .redact.audio import write_redacted_audio
+
+        self._task = ray.remote(num_cpus=LIGHT_STAGE_CPUS)(write_redacted_audio)
+        self._ray = ray
+        self.cfg = cfg
+        self.output_uri = output_uri
+        self._refs: list = []
+        self.failed = 0
+
+    def submit(self, recordings) -> None:
+        if not recordings.num_rows:
+            return
+        table = recordings.select(["id", "audio", "status", "redactions"]).to_pylist()
+        for row in table:
+            if row["status"] != "ok":
+                continue
+            spans = [(r["start_s"], r["end_s"]) for r in row["redactions"] or () if r["start_s"] is not None]
+            self._refs.append(self._task.remote(row["audio"], row["id"], spans, self.output_uri,
+                                                self.cfg.storage.options, self.cfg.audio.channels == "split",
+                                                self.cfg.redact.beep))
+            if len(self._refs) > self.MAX_IN_FLIGHT:
+                done, self._refs = self._ray.wait(self._refs, num_returns=len(self._refs) - self.MAX_IN_FLIGHT)
+                self._collect(done)
+
+    def _collect(self, refs) -> None:
+        for ref in refs:
+            try:
+                self._ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - a QA copy that failed is logged and counted, not fatal
+                self.failed += 1
+                log.error("redacted audio copy failed: %s", e)
+
+    def wait(self) -> None:
+        self._collect(self._refs)
+        self._refs = []
 
 
 def progress_line(run: JobTally, todo: int | None, elapsed_s: float, long_in_flight: int) -> str:
@@ -213,9 +264,42 @@ def job_key(cfg: JobConfig, manifest: Manifest) -> dict[str, Any]:
         "audio": {k: c["audio"][k] for k in ("resample_quality", "max_duration_s", "channels", "channel_names")},
         "segment": {k: c["segment"][k] for k in ("max_s", "min_s", "overlap_s", "vad")},
         "engine": {k: c["engine"][k] for k in ("name", "model", "whisper", "vllm", "transformers")},
-        "task": c["task"],
+        "task": _without_defaults(c["task"], ("detect_language", "language_id_model", "language_id_s")),
         "scoring": c["scoring"],
+        # Optional features enter the key only when on, so outputs written before they existed still resume.
+        **({"words": True} if c["output"]["words"] else {}),
+        **({"diarize": c["diarize"]} if c["diarize"]["enabled"] else {}),
+        **({"redact": c["redact"]} if c["redact"]["entities"] else {}),
     }
+
+
+def _without_defaults(section: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """``section`` less the keys in ``names`` while language ID is off (their defaults then change nothing)."""
+    return section if section.get("detect_language") else {k: v for k, v in section.items() if k not in names}
+
+
+def preflight_features(cfg: JobConfig) -> None:
+    """Load the optional features' models once on the driver, so one that cannot load fails the
+    job before Ray starts, with its own message (each is small: Resemblyzer 17 MB, whisper base,
+    Presidio's recognizers)."""
+    if cfg.diarize.enabled or cfg.task.detect_language:
+        import numpy as np
+
+        from .speech import highpassed
+
+        highpassed(np.zeros(160, np.float32))
+    if cfg.diarize.enabled:
+        from .diarize import preflight as diarize_preflight
+
+        diarize_preflight(cfg.diarize)
+    if cfg.task.detect_language:
+        from .langid import preflight as langid_preflight
+
+        langid_preflight(cfg.task.language_id_model)
+    if cfg.redact.enabled:
+        from .redact import load_redactor
+
+        load_redactor(cfg.redact)
 
 
 def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bool = False,
@@ -228,6 +312,7 @@ def run_job(cfg: JobConfig, manifest_uri: str, output_uri: str, *, overwrite: bo
     cpu = time.process_time()
     if not ray_address(cfg):
         preflight(cfg.engine)  # a local Ray's workers see this machine's files: fail before starting it
+        preflight_features(cfg)
     manifest = Manifest.open(manifest_uri, cfg)  # its head, rows and fingerprint, read once, before anything starts
     phases = {"manifest": time.perf_counter() - clock}
     with nullcontext(claim) if claim else claim_output(output_uri, cfg.storage.options) as held:
@@ -252,7 +337,9 @@ def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, c
 
     committed_ref = ray.put(resume.committed) if resume.committed_rows else None
     ds = build_dataset(cfg, manifest, committed_ref)
-    assembler = Assembler(schema, cfg.scoring, SubtitleWriter(output_uri, cfg.output.subtitles, cfg.storage.options))
+    assembler = Assembler(schema, cfg.scoring, SubtitleWriter(output_uri, cfg.output.subtitles, cfg.storage.options),
+                          redact=cfg.redact)
+    audio_writer = RedactedAudio(cfg, output_uri) if cfg.redact.audio else None
     run = JobTally()  # this attempt's rows, for progress and throughput
     todo = max(0, manifest.n_rows - resume.committed_rows)
     last_log = clock
@@ -262,7 +349,10 @@ def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, c
         if "first rows" not in phases:  # actors started, models loaded, the first batch through
             phases["first rows"] = time.perf_counter() - mark
             log.info("start-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
-        run.add(writer.write(*assembler.add(batch)))
+        recordings, segments = assembler.add(batch)
+        run.add(writer.write(recordings, segments))
+        if audio_writer:
+            audio_writer.submit(recordings)
         if run.n_input >= budget.budget_min_rows and run.failed_fraction() > budget.max_failed_fraction:
             log.error("stopping: %d of %d rows failed (%s), over max_failed_fraction %g; what completed is kept",
                       run.n_failed, run.n_input, dict(run.by_status), budget.max_failed_fraction)
@@ -272,7 +362,12 @@ def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, c
             last_log = time.perf_counter()
             log.info("progress: %s", progress_line(run, todo, last_log - clock, assembler.pending))
     if not stopped_early:
-        run.add(writer.write(*assembler.close()))
+        recordings, segments = assembler.close()
+        run.add(writer.write(recordings, segments))
+        if audio_writer:
+            audio_writer.submit(recordings)
+    if audio_writer:
+        audio_writer.wait()
     writer.close()
     claim.check()
     wall = time.perf_counter() - clock

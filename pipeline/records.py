@@ -23,7 +23,7 @@ import pyarrow as pa
 
 # Plain Python, so that engines import them without pyarrow; this module's interface as before.
 from .constants import OK, SAMPLE_RATE_HZ, Status  # noqa: F401
-from .redact import redact_uri
+from .scrub import redact_uri
 
 TRANSIENT = frozenset({Status.FETCH_ERROR.value, Status.INFERENCE_ERROR.value})
 """Statuses a passing fault may have caused: a rerun of the job tries such rows again."""
@@ -100,6 +100,35 @@ RECORDING = ColumnGroup("recording", (  # long and multi-channel recordings (ass
     ]))),  # split: every channel's segments ordered by start time
 ))
 
+# Optional features (off by default: these columns are then null). Appended after the groups above.
+SPEAKER_REGION = pa.struct([("speaker", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64())])
+WORD = pa.struct([
+    ("word", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()),  # recording time
+    ("probability", pa.float64()),  # the engine's (whisper) or the aligner's (CTC) confidence
+    ("speaker", pa.string()),  # diarize: the speaker at the word's middle
+])
+SPEAKERS = ColumnGroup("speakers", (  # diarize (pipeline/diarize/): mono recordings
+    pa.field("speakers", pa.list_(pa.struct([
+        ("speaker", pa.string()), ("text", pa.string()), ("speaking_s", pa.float64()),
+    ]))),  # per speaker (spk0 first to speak): text and talk time, as channel_texts is per channel
+    pa.field("speaker_turns", pa.list_(pa.struct([
+        ("speaker", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string()),
+    ]))),  # speaker turns in time order (text from the words inside each turn)
+))
+WORDS = ColumnGroup("words", (  # output.words
+    pa.field("words", pa.list_(WORD)),
+))
+REDACTED = ColumnGroup("redacted", (  # redact (pipeline/redact/)
+    pa.field("text_redacted", pa.string()),  # `text` with each entity replaced by [TYPE]
+    pa.field("redactions", pa.list_(pa.struct([
+        ("entity", pa.string()), ("score", pa.float64()),
+        ("start_s", pa.float64()), ("end_s", pa.float64()),  # the redacted words' time, where words exist
+    ]))),
+))
+LANGID = ColumnGroup("langid", (  # task.detect_language
+    pa.field("language_probability", pa.float64()),  # set when `language` was detected, not given
+))
+
 # --- Internal groups: carried between stages, never output -------------------------------------
 
 KEYWORDS = ColumnGroup("keywords", (
@@ -117,11 +146,13 @@ SEGMENT = ColumnGroup("segment", (  # where a row sits in its recording; the dri
     pa.field("end_s", pa.float64()),
     pa.field("seam_overlap_s", pa.float64()),  # audio shared with the previous segment (fixed windows)
     pa.field("speech", pa.list_(pa.list_(pa.float64()))),  # split mode, segment 0: VAD [start_s, end_s]s
+    pa.field("segment_speaker", pa.string()),  # diarize: who speaks most of this segment
+    pa.field("speaker_regions", pa.list_(SPEAKER_REGION)),  # diarize: who speaks when, inside this segment
 ))
 
 # What each stage of the row's journey holds (stages.py declares reads / adds against these).
 PREPARED = (KEY, STATUS, TASK, KEYWORDS)
-OUTPUT = (KEY, STATUS, TEXT, TASK, DECODED, ENGINE, SCORE, RECORDING)
+OUTPUT = (KEY, STATUS, TEXT, TASK, DECODED, ENGINE, SCORE, RECORDING, SPEAKERS, WORDS, REDACTED, LANGID)
 INTERNAL = (KEYWORDS, SAMPLES, SEGMENT)
 
 TRANSCRIPT_COLUMNS: tuple[str, ...] = tuple(n for g in OUTPUT for n in g.names)
@@ -164,7 +195,8 @@ def carried_name(name: str) -> str:
 
 # One row per transcribed segment: OUTPUT/segments/ (timestamps; the recording row holds the whole).
 SEGMENT_TABLE_SCHEMA = pa.schema([column(n) for n in (
-    "id", "row_index", "channel", "segment_index", "start_s", "end_s", "text", "status", "error", "avg_logprob")])
+    "id", "row_index", "channel", "segment_index", "start_s", "end_s", "text", "status", "error", "avg_logprob",
+    "segment_speaker", "words")])
 
 
 # --- Ids -----------------------------------------------------------------------------------------

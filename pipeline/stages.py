@@ -17,19 +17,21 @@ import numpy as np
 import pyarrow as pa
 
 from .audio import AudioError, load_audio
-from .config import AudioConfig, EngineConfig, ScoringConfig, SegmentConfig, TaskConfig
+from .config import AudioConfig, DiarizeConfig, EngineConfig, RedactConfig, ScoringConfig, SegmentConfig, TaskConfig
+from .diarize.turns import as_regions, clip, main_speaker, speaker_columns
 from .engines import EngineRequest, EngineResult, is_engine_dead, load_engine
-from .records import (DECODED, ENGINE, KEYWORDS, OK, OUTPUT, PREPARED, RECORDING, SAMPLE_RATE_HZ, SAMPLES, SCORE,
-                      SEGMENT, TEXT, ColumnGroup, Status, null_row, schema_of)
-from .redact import redact_text, redact_uri
+from .errors import CannotRun
+from .records import (DECODED, ENGINE, KEYWORDS, LANGID, OK, OUTPUT, PREPARED, RECORDING, REDACTED, SAMPLE_RATE_HZ,
+                      SAMPLES, SCORE, SEGMENT, SPEAKERS, TEXT, WORDS, ColumnGroup, Status, null_row, schema_of)
+from .scrub import redact_text, redact_uri
 from .scoring import score_row
 from .segment import plan_segments, speech_regions
 
 log = logging.getLogger("quarry")
 
 # The groups a row holds after each stage.
-DECODED_ROW = PREPARED + (DECODED, SEGMENT, SAMPLES)
-INFERRED_ROW = PREPARED + (DECODED, SEGMENT, TEXT, ENGINE)
+DECODED_ROW = PREPARED + (DECODED, SEGMENT, LANGID, SAMPLES)
+INFERRED_ROW = PREPARED + (DECODED, SEGMENT, LANGID, TEXT, ENGINE, WORDS)
 SCORED_ROW = OUTPUT + (SEGMENT,)  # what reaches the driver: the output columns, and where the row sits
 
 
@@ -45,16 +47,25 @@ class DecodeStage:
     A generator: it emits ``segment.rows_per_batch`` rows at a time, so one long recording leaves
     this stage as a stream of small blocks and its decoded audio is held once, here, while it is
     being cut.
+
+    The analyses of the whole recording run here too, before it is cut (the only place it is whole):
+    language ID of rows without a language (``task.detect_language``: pipeline/langid.py) and
+    speaker diarization of mono recordings (``diarize``: pipeline/diarize/); each segment then
+    carries its language, its speaker regions and its main speaker. Their models load once per
+    worker process.
     """
 
     reads: ClassVar[tuple[ColumnGroup, ...]] = PREPARED
-    adds: ClassVar[tuple[ColumnGroup, ...]] = (DECODED, SEGMENT, SAMPLES)
+    adds: ClassVar[tuple[ColumnGroup, ...]] = (DECODED, SEGMENT, LANGID, SAMPLES)
 
     def __init__(self, audio: AudioConfig, segment: SegmentConfig, storage_options: dict[str, Any],
-                 extras: list[pa.Field] | tuple[pa.Field, ...]):
+                 extras: list[pa.Field] | tuple[pa.Field, ...], *, task: TaskConfig | None = None,
+                 diarize: DiarizeConfig | None = None):
         self.audio = audio
         self.segment = segment
         self.storage_options = storage_options
+        self.task = task or TaskConfig()
+        self.diarize = diarize or DiarizeConfig()
         self.schema = schema_of(DECODED_ROW, extras)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
@@ -98,6 +109,14 @@ class DecodeStage:
             return
         row.update(duration_s=decoded.duration_s, source_sample_rate=decoded.source_sample_rate,
                    source_channels=decoded.source_channels)
+        try:
+            regions = self._analyse(row, decoded.samples.mean(axis=1) if split else decoded.samples)
+        except CannotRun:
+            raise  # a model that cannot load fails the job, as an engine that cannot does
+        except Exception as e:  # noqa: BLE001 - a failure on this recording is this row's (one row, as a decode failure)
+            row["status"], row["error"] = Status.DECODE_ERROR.value, f"cannot analyse the audio: {type(e).__name__}: {e}"
+            yield row
+            return
         streams = decoded.samples.T if split else decoded.samples[None, :]
         del decoded
         row["n_channels"] = len(streams)
@@ -114,6 +133,7 @@ class DecodeStage:
                        "error": redact_text(f"cannot segment the audio: {type(e).__name__}: {e}")}
                 continue
             for seg in segments:
+                own = clip(regions, seg.start_s, seg.end_s) if regions is not None else None
                 yield {
                     **row,
                     "channel": channel,
@@ -123,8 +143,29 @@ class DecodeStage:
                     "end_s": seg.end_s,
                     "seam_overlap_s": seg.overlap_before / SAMPLE_RATE_HZ,
                     "speech": speech if seg.index == 0 else None,
+                    "segment_speaker": main_speaker(as_regions(own)) if own is not None else None,
+                    "speaker_regions": own,
                     "samples": np.ascontiguousarray(samples[seg.start:seg.end], dtype=np.float32).tobytes(),
                 }
+
+    def _analyse(self, row: dict, samples: np.ndarray):
+        """Language ID and diarization of the whole recording; the speaker regions (or None)."""
+        want_language = self.task.detect_language and not row["language"]
+        if not (want_language or self.diarize.enabled):
+            return None
+        from .speech import whole_recording_speech
+
+        clean, speech = whole_recording_speech(samples)
+        if want_language:
+            from .langid import detect_language
+
+            row["language"], row["language_probability"] = detect_language(
+                clean, speech, self.task.language_id_model, self.task.language_id_s)
+        if not self.diarize.enabled:
+            return None
+        from .diarize import load_diarizer
+
+        return load_diarizer(self.diarize).diarize(clean, speech)
 
     def _channel_name(self, index: int) -> str:
         names = self.audio.channel_names
@@ -141,11 +182,12 @@ class InferenceStage:
     """
 
     reads: ClassVar[tuple[ColumnGroup, ...]] = DECODED_ROW
-    adds: ClassVar[tuple[ColumnGroup, ...]] = (TEXT, ENGINE)
+    adds: ClassVar[tuple[ColumnGroup, ...]] = (TEXT, ENGINE, WORDS)
 
     def __init__(self, engine: EngineConfig, extras: list[pa.Field] | tuple[pa.Field, ...],
-                 task: TaskConfig | None = None):
+                 task: TaskConfig | None = None, words: bool = False):
         self.engine = load_engine(engine, task)  # once per actor, never per batch
+        self.words = words  # ask the engine for word timestamps (output.words, or diarize)
         self.schema = schema_of(INFERRED_ROW, extras)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -162,6 +204,7 @@ class InferenceStage:
                 target_language=row["target_language"],
                 keywords=tuple(row["keywords"] or ()),
                 segment=row["n_segments"] > 1,
+                words=self.words,
             )
             for row in todo
         ]
@@ -182,6 +225,10 @@ class InferenceStage:
                 row["status"], row["error"] = res.status, res.error
             elif res.language and not row["language"]:
                 row["language"] = res.language
+            if res.words is not None and res.status == OK:  # to recording time
+                at = row["start_s"] or 0.0
+                row["words"] = [{"word": w.word, "start_s": round(at + w.start_s, 3), "end_s": round(at + w.end_s, 3),
+                                 "probability": w.probability, "speaker": None} for w in res.words]
         for row in rows:
             row.pop("samples", None)
             row["engine"], row["model"] = self.engine.name, self.engine.model
@@ -221,10 +268,14 @@ class InferenceStage:
 class ScoreStage:
     """Scores recordings that are whole in one row (most clips) against their reference, and
     shapes rows to :func:`scored_schema`. A recording cut into segments is scored once it is put
-    back together (assemble.py); both go through :func:`pipeline.scoring.score_row`."""
+    back together (assemble.py); both go through :func:`pipeline.scoring.score_row`.
+
+    Diarized rows (``speaker_regions`` set) get their words' speakers here, and a whole recording
+    its ``speakers`` and ``speaker_turns`` (a stitched one gets them on the driver).
+    """
 
     reads: ClassVar[tuple[ColumnGroup, ...]] = INFERRED_ROW
-    adds: ClassVar[tuple[ColumnGroup, ...]] = (SCORE, RECORDING)
+    adds: ClassVar[tuple[ColumnGroup, ...]] = (SCORE, RECORDING, SPEAKERS, REDACTED)
 
     def __init__(self, scoring: ScoringConfig, extras: list[pa.Field] | tuple[pa.Field, ...]):
         self.scoring = scoring
@@ -236,6 +287,35 @@ class ScoreStage:
             for name in KEYWORDS.names:
                 row.pop(name, None)
             row.update(null_row(*self.adds), segments=1)
-            if row["n_segments"] == 1 and row["channel"] is None:
+            whole = row["n_segments"] == 1 and row["channel"] is None
+            if whole:
                 score_row(row, self.scoring)
+            if row["speaker_regions"] is not None:
+                speakers, turns, row["words"] = speaker_columns(as_regions(row["speaker_regions"]), row["words"])
+                if whole and row["status"] == OK:
+                    row["speakers"], row["speaker_turns"] = speakers, turns
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+
+class RedactStage:
+    """PII redaction of recordings that are whole in one row (CPU tasks; pipeline/redact/): fills
+    ``records.REDACTED`` and, with ``redact.drop_text``, leaves the raw text out. Stitched
+    recordings are redacted once put back together, on the driver (assemble.py), as redacting a
+    segment alone would miss a card number read across a cut."""
+
+    reads: ClassVar[tuple[ColumnGroup, ...]] = SCORED_ROW
+    fills: ClassVar[tuple[ColumnGroup, ...]] = (REDACTED,)
+
+    def __init__(self, redact: RedactConfig, extras: list[pa.Field] | tuple[pa.Field, ...]):
+        self.redact = redact
+        self.schema = scored_schema(extras)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .redact import load_redactor, redact_row
+
+        redactor = load_redactor(self.redact)  # once per worker process
+        rows = batch.to_pylist()
+        for row in rows:
+            if row["n_segments"] == 1 and row["channel"] is None:
+                redact_row(row, redactor, self.redact)
         return pa.Table.from_pylist(rows, schema=self.schema)

@@ -28,7 +28,7 @@ import fsspec
 import tenacity
 from fsspec.asyn import AsyncFileSystem
 
-from .redact import redact_uri
+from .scrub import redact_uri
 
 T = TypeVar("T")
 

@@ -86,3 +86,31 @@ def test_progress_line_gives_share_done_and_eta(tmp_path):
     assert line.startswith("25/100 rows (25%)") and "0.50 h of audio" in line and "RTFx 30.0" in line
     assert "ETA 00:03:00" in line and "2 long recordings" in line  # 75 rows left at 25 rows a minute
     assert "ETA ?" in progress_line(JobTally(), None, 5.0, 0)
+
+
+def test_optional_features_are_off_by_default_and_leave_the_job_key_as_before():
+    from pipeline.plan import job_key
+
+    class _Manifest:
+        uri, fingerprint = "m.jsonl", "abc"
+
+    cfg = load_config()
+    assert not (cfg.diarize.enabled or cfg.redact.enabled or cfg.output.words or cfg.task.detect_language)
+    key = job_key(cfg, _Manifest())
+    assert not {"diarize", "redact", "words"} & set(key)
+    assert set(key["task"]) == {"language", "task", "target_language", "keywords", "max_keywords", "max_keyword_chars"}
+    on = job_key(load_config(None, ["diarize.enabled=true", "redact.entities=[US_SSN]", "output.words=true",
+                                    "task.detect_language=true"]), _Manifest())
+    assert {"diarize", "redact", "words"} <= set(on) and on["task"]["detect_language"] is True
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["redact.audio=true"], "redact.audio needs redact.entities"),
+    (["redact.entities=[CREDIT_CARD]", "redact.audio=true"], "needs word times"),
+    (["redact.entities=[CREDIT_CARD]", "redact.drop_text=true", "output.subtitles=[srt]"], "output.words"),
+    (["diarize.enabled=true", "diarize.min_speakers=3"], "min_speakers"),
+    (["redact.entities=[PASSPORT]"], "redact.entities"),
+])
+def test_inconsistent_feature_settings_are_refused_with_the_reason(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, sets)

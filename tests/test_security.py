@@ -127,7 +127,7 @@ def test_config_redaction_masks_every_credential_spelling_and_everything_under_i
 
 
 def test_redact_uri_masks_user_info_and_query_tokens_and_keeps_the_object():
-    from pipeline.redact import redact_uri
+    from pipeline.scrub import redact_uri
 
     presigned = ("https://b.s3.amazonaws.com/calls/a.wav?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F1"
                  "&X-Amz-Date=20260101T000000Z&X-Amz-Expires=3600&X-Amz-Signature=abc&X-Amz-Security-Token=tok")
@@ -143,7 +143,7 @@ def test_redact_uri_masks_user_info_and_query_tokens_and_keeps_the_object():
 
 
 def test_redact_text_masks_uris_in_messages_and_registered_secrets():
-    from pipeline.redact import redact_text, register_secret
+    from pipeline.scrub import redact_text, register_secret
 
     register_secret("hunter2-registered-secret", "short")
     message = "403 reading 'https://u:pw@h/a.wav?token=t0k': denied; key hunter2-registered-secret; short"
@@ -153,7 +153,7 @@ def test_redact_text_masks_uris_in_messages_and_registered_secrets():
 def test_log_scrubber_masks_credentials_in_messages_and_tracebacks(caplog):
     import logging
 
-    from pipeline.redact import install_log_scrubber, register_secret
+    from pipeline.scrub import install_log_scrubber, register_secret
 
     install_log_scrubber()
     register_secret("scrub-me-registered-42")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from .base import Engine, EngineDead, EngineRequest, EngineResult, EngineUnavailable, is_engine_dead
+from .base import Engine, EngineDead, EngineRequest, EngineResult, EngineUnavailable, Word, is_engine_dead
 
 if TYPE_CHECKING:
     from ..config import EngineConfig, TaskConfig
@@ -69,4 +69,4 @@ def load_engine(cfg: EngineConfig, task: TaskConfig | None = None) -> Engine:
 
 
 __all__ = ["Engine", "EngineDead", "EngineRequest", "EngineResult", "EngineUnavailable", "is_engine_dead",
-           "load_engine", "preflight"]
+           "Word", "load_engine", "preflight"]

@@ -51,10 +51,22 @@ class EngineRequest:
     target_language: str | None = None  # for task == "translate"
     keywords: tuple[str, ...] = ()  # biasing hints, already cleaned and bounded (pipeline/keywords.py)
     segment: bool = False  # a piece of a longer recording (cut at pauses), not a whole clip
+    words: bool = False  # also return word timestamps (EngineResult.words)
 
     @property
     def duration_s(self) -> float:
         return len(self.samples) / SAMPLE_RATE_HZ
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word of a transcript and where it was spoken, in seconds from the start of the request's
+    audio (the inference stage shifts them to recording time)."""
+
+    word: str
+    start_s: float
+    end_s: float
+    probability: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,7 @@ class EngineResult:
     language: str | None = None  # language the engine used or detected
     avg_logprob: float | None = None  # mean token log-probability, a confidence proxy
     prompt: str | None = None  # the rendered prompt, for engines that take one
+    words: tuple[Word, ...] | None = None  # when the request asked for words: the text's words, timed
     extra: dict = field(default_factory=dict)
 
 

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from ..records import Status
-from .base import EngineDead, EngineRequest, EngineResult
+from .base import EngineDead, EngineRequest, EngineResult, Word
 
 SLOW_S = 0.25  # seconds a ``slow-engine*`` request takes
 
@@ -37,6 +37,13 @@ class FakeEngine:
     def fingerprint(samples: np.ndarray) -> str:
         digest = hashlib.sha1(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()[:8]
         return f"audio {digest} of {len(samples)} samples"
+
+    @staticmethod
+    def spread(text: str, duration_s: float) -> tuple[Word, ...]:
+        """The text's words spread evenly over the clip (mechanics only: no real timing)."""
+        words = text.split()
+        step = duration_s / max(1, len(words))
+        return tuple(Word(w, round(i * step, 3), round((i + 1) * step, 3), 1.0) for i, w in enumerate(words))
 
     def _failing(self) -> bool:
         if self.model.startswith("fail-while:"):
@@ -64,5 +71,6 @@ class FakeEngine:
             text = self.fingerprint(req.samples)
             if req.keywords:
                 text += " keywords " + " ".join(req.keywords)
-            results.append(EngineResult(text, language=req.language, avg_logprob=-0.1))
+            results.append(EngineResult(text, language=req.language, avg_logprob=-0.1,
+                                        words=self.spread(text, req.duration_s) if req.words else None))
         return results

@@ -117,6 +117,7 @@ class VllmEngine:
         self.prompts: PromptBuilder = self._prompt_builder()
         self.last_prompts: list[str | None] = []
         """Prompt sent for each request of the last ``transcribe`` call (None: not sent)."""
+        self._aligner = None  # Granite's CTC-head aligner, loaded on the first request for words
 
     def _prompt_builder(self) -> PromptBuilder:
         if self.family == "granite":
@@ -217,4 +218,18 @@ class VllmEngine:
             "output_tokens": len(token_ids),
             "finish_reason": completion.finish_reason,
         }
-        return EngineResult(completion.text.strip(), language=language, avg_logprob=avg, prompt=prompt, extra=extra)
+        text = completion.text.strip()
+        return EngineResult(text, language=language, avg_logprob=avg, prompt=prompt, extra=extra,
+                            words=self._words(req, text))
+
+    def _words(self, req: EngineRequest, text: str):
+        """Word timestamps (Granite): the transcript force-aligned with the encoder's CTC head,
+        loaded on first use (pipeline/align/granite_ctc.py). vLLM's Whisper gives none here."""
+        if not req.words or self.family != "granite":
+            return None
+        from ..align import align_words
+        from ..align.granite_ctc import GraniteCtcAligner
+
+        if self._aligner is None:
+            self._aligner = GraniteCtcAligner(self.checkpoint)
+        return align_words(self._aligner, req.samples, text)

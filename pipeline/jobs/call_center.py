@@ -174,15 +174,21 @@ def call_analytics(row: dict[str, Any], campaign: str | None, keywords: list[str
                    channel_names: list[str]) -> dict[str, Any]:
     """One call's analytics from its transcript row (``channel_texts``, ``overlap_s``, ``duration_s``).
 
+    A mono call diarized (``diarize.enabled``) has ``speakers`` instead of ``channel_texts``: its
+    speakers stand for the channels, in order of first speech (spk0, the first to speak, is
+    ``channel_names[0]``: the agent, who answers), and nobody speaks over anybody (one label per
+    moment), so its overlap is 0.
+
     Silence is approximated from the per-channel speaking times: speech = sum of talk time - overlap
     (the overlap is counted in every channel's talk time), silence = duration - speech.
     """
     out: dict[str, Any] = {"id": row["id"], "audio": row["audio"], "status": row["status"], "campaign": campaign,
                            "duration_s": row["duration_s"]}
-    if row["status"] != "ok" or not row.get("channel_texts"):
+    per_channel = row.get("channel_texts") or _speakers_as_channels(row.get("speakers"), channel_names)
+    if row["status"] != "ok" or not per_channel:
         return out  # a failed call keeps its row, without figures
     channels = []
-    for ct in row["channel_texts"]:
+    for ct in per_channel:
         talk = float(ct["speaking_s"] or 0.0)
         words = len((ct["text"] or "").split())
         channels.append({"channel": ct["channel"], "talk_s": talk, "words": words,
@@ -199,9 +205,21 @@ def call_analytics(row: dict[str, Any], campaign: str | None, keywords: list[str
     out["speech_s"] = speech
     out["silence_s"] = max(duration - speech, 0.0)
     out["silence_share"] = out["silence_s"] / duration if duration > 0 else None
-    text = "\n".join(ct["text"] or "" for ct in row["channel_texts"])
+    text = "\n".join(ct["text"] or "" for ct in per_channel)
     out["keyword_hits"] = keyword_hits(text, keywords)
     out["keyword_hits_total"] = sum(h["count"] for h in out["keyword_hits"])
+    return out
+
+
+def _speakers_as_channels(speakers: list[dict] | None, channel_names: list[str]) -> list[dict] | None:
+    """A diarized call's ``speakers`` as ``channel_texts``: spk<N> named ``channel_names[N]``."""
+    if not speakers:
+        return None
+    out = []
+    for s in speakers:
+        n = int(s["speaker"][3:]) if s["speaker"].startswith("spk") and s["speaker"][3:].isdigit() else None
+        name = channel_names[n] if n is not None and n < len(channel_names) else s["speaker"]
+        out.append({"channel": name, "text": s["text"], "speaking_s": s["speaking_s"]})
     return out
 
 
@@ -222,6 +240,7 @@ def write_analytics(output_uri: str, campaigns: dict[str, list[str]], campaign_c
     by_folded = {name.casefold(): words for name, words in campaigns.items()}
     column = carried_name(campaign_column)
     wanted = ["id", "audio", "status", "duration_s", "channel_texts", "overlap_s"]
+    wanted += ["speakers"] if cfg.diarize.enabled else []
     figures = []
     for part in sorted(fs.glob(f"{root}/transcripts/part-*.parquet")):
         with fs.open(part, "rb") as f:
@@ -247,9 +266,9 @@ def run_call_center(job: CallCenterJob, overrides: list[str] | tuple[str, ...] =
 
     # The job writes its own JSONL manifest (inputs.jsonl), whatever format the calls came in.
     cfg = job_config(job.config, overrides, after=("input.format=jsonl",))
-    if cfg.audio.channels != "split":
-        raise JobError(f"call-center needs audio.channels: split in its config ({job.config}), "
-                       f"got {cfg.audio.channels!r}")
+    if cfg.audio.channels != "split" and not cfg.diarize.enabled:
+        raise JobError(f"call-center needs audio.channels: split (stereo calls) or diarize.enabled (mono calls) "
+                       f"in its config ({job.config}), got audio.channels {cfg.audio.channels!r}")
     source_cfg = job_config(job.config, overrides)  # how to read the calls' own manifest
     campaigns = read_campaigns(job.campaigns, cfg.storage.options)
     # inputs.jsonl lives with the output; its audio may be read where the calls' own manifest allows

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..config import JobConfig, load_config, read_yaml_mapping
 from ..errors import CannotRun
-from ..redact import register_secrets_in
+from ..scrub import register_secrets_in
 from ..storage import has_scheme, url_to_fs
 
 
