@@ -133,3 +133,30 @@ def test_hub_model_name_with_hub_offline_fails_naming_the_model(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(EngineUnavailable, match=r"ibm-granite/granite-4.0-1b-speech.*hub"):
         VllmEngine("ibm-granite/granite-4.0-1b-speech", VllmOptions(), device="cpu")
+
+
+@pytest.mark.vllm
+def test_vllm_granite_engine_returns_aligned_words_for_its_own_text(tmp_path_factory):
+    """The vLLM engine on the tiny random Granite: asked for words, it aligns its own (garbage)
+    transcript with the encoder's CTC head; every word comes back, in order, inside the clip.
+    (It lives with the other tests of the shared in-process engine, which must run before
+    test_vllm_whisper_real.py starts and tears down an engine of its own in the same process.)"""
+    import json
+
+    import soundfile as sf
+
+    from pipeline.align.granite_ctc import VOCAB_FILE
+    from pipeline.engines import EngineRequest
+    from pipeline.records import SAMPLE_RATE_HZ as RATE
+
+    from .conftest import EVAL_DIR, eval_rows
+    from .tiny_models import shared_granite_engine
+
+    checkpoint, engine = shared_granite_engine(tmp_path_factory)
+    (checkpoint / VOCAB_FILE).write_text(json.dumps([""] + [chr(ord("a") + i) for i in range(23)]))
+    samples, _ = sf.read(EVAL_DIR / next(r for r in eval_rows("en") if r["duration_s"] < 6)["audio"], dtype="float32")
+    plain, timed = engine.transcribe([EngineRequest("a", samples, "en"), EngineRequest("b", samples, "en", words=True)])
+    assert plain.words is None and timed.text == plain.text
+    assert [w.word for w in timed.words] == timed.text.split()
+    starts = [w.start_s for w in timed.words]
+    assert starts == sorted(starts) and all(0 <= w.start_s <= w.end_s <= len(samples) / RATE + 1e-6 for w in timed.words)

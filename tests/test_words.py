@@ -117,24 +117,3 @@ def test_whisper_words_fall_inside_their_clips_and_srt_from_words_round_trips(ra
     cues = parse_srt(srt)
     assert " ".join(c[2] for c in cues).split() == [w["word"] for w in words]
     assert cues == [(round(a, 3), round(b, 3), t) for a, b, t in word_cues(words)]
-
-
-@pytest.mark.vllm
-def test_vllm_granite_engine_returns_aligned_words_for_its_own_text(tmp_path_factory):
-    """The vLLM engine on the tiny random Granite: asked for words, it aligns its own (garbage)
-    transcript with the encoder's CTC head; every word comes back, in order, inside the clip."""
-    import json
-
-    from pipeline.align.granite_ctc import VOCAB_FILE
-    from pipeline.engines import EngineRequest
-
-    from .tiny_models import shared_granite_engine
-
-    checkpoint, engine = shared_granite_engine(tmp_path_factory)
-    (checkpoint / VOCAB_FILE).write_text(json.dumps([""] + [chr(ord("a") + i) for i in range(23)]))
-    samples, _ = sf.read(EVAL_DIR / next(r for r in eval_rows("en") if r["duration_s"] < 6)["audio"], dtype="float32")
-    plain, timed = engine.transcribe([EngineRequest("a", samples, "en"), EngineRequest("b", samples, "en", words=True)])
-    assert plain.words is None and timed.text == plain.text
-    assert [w.word for w in timed.words] == timed.text.split()
-    starts = [w.start_s for w in timed.words]
-    assert starts == sorted(starts) and all(0 <= w.start_s <= w.end_s <= len(samples) / RATE + 1e-6 for w in timed.words)
