@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +30,8 @@ import soxr
 
 from pipeline.records import SAMPLE_RATE_HZ as RATE
 from pipeline.summary import JobSummary
+
+from .jobs import run_sampled
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CLIPS = REPO / "data" / "demo"  # a folder with manifest.jsonl and the clips it names
@@ -56,33 +55,17 @@ class MemoryRun:
 HEADER = f"{'job':<34} {'rows':>7} {'audio h':>8} {'wall s':>8} {'driver MiB':>12} {'tree MiB':>12} {'ok':>7}"
 
 
-def _tree_rss(proc: psutil.Process) -> tuple[float, float]:
-    total, driver = 0, 0
-    try:
-        driver = proc.memory_info().rss
-        total = driver + sum(c.memory_info().rss for c in proc.children(recursive=True) if c.is_running())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        pass
-    return total / 2**20, driver / 2**20
-
-
 def measure(label: str, manifest: Path, out: Path, overrides: list[str]) -> MemoryRun:
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--manifest", str(manifest), "--output", str(out),
-           "--overwrite", *[a for o in overrides for a in ("--set", o)]]
-    started = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proc = psutil.Process(child.pid)
-    peak_tree = peak_driver = 0.0
-    while child.poll() is None:
-        tree, driver = _tree_rss(proc)
-        peak_tree, peak_driver = max(peak_tree, tree), max(peak_driver, driver)
-        time.sleep(0.2)
-    log = child.stdout.read() if child.stdout else ""
-    if child.returncode != 0:
-        raise RuntimeError(f"{label}: quarry run failed ({child.returncode}):\n{log[-2000:]}")
+    peak = {"tree": 0.0, "driver": 0.0}
+
+    def sample(proc: psutil.Process) -> None:
+        driver = proc.memory_info().rss
+        tree = driver + sum(c.memory_info().rss for c in proc.children(recursive=True) if c.is_running())
+        peak["tree"], peak["driver"] = max(peak["tree"], tree / 2**20), max(peak["driver"], driver / 2**20)
+
+    wall = run_sampled(manifest, out, overrides, sample, 0.2)
     summary = JobSummary.read(str(out))
-    return MemoryRun(label, summary.n_input, summary.audio_s, time.perf_counter() - started,
-                     peak_tree, peak_driver, summary.n_ok)
+    return MemoryRun(label, summary.n_input, summary.audio_s, wall, peak["tree"], peak["driver"], summary.n_ok)
 
 
 def _clips(eval_dir: Path, limit: int) -> list[dict]:

@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +26,8 @@ import soundfile as sf
 
 from pipeline.records import SAMPLE_RATE_HZ
 from pipeline.summary import JobSummary
+
+from .jobs import run_sampled
 
 
 @dataclass(frozen=True)
@@ -60,27 +59,17 @@ def _line(r: ScaleRun) -> str:
 
 
 def measure(manifest: Path, out: Path, rows: int, sets: list[str]) -> ScaleRun:
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--manifest", str(manifest), "--output", str(out),
-           "--overwrite", *[a for s in sets for a in ("--set", s)]]
-    started = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proc = psutil.Process(child.pid)
-    peak, cpu, main = 0.0, 0.0, 0.0
-    while child.poll() is None:
-        try:
-            peak = max(peak, proc.memory_info().rss / 2**20)
-            times = proc.cpu_times()
-            cpu = times.user + times.system
-            main = next((t.user_time + t.system_time for t in proc.threads() if t.id == child.pid), main)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            pass
-        time.sleep(0.1)
-    wall = time.perf_counter() - started
-    log = child.stdout.read() if child.stdout else ""
-    if child.returncode != 0:
-        raise RuntimeError(f"quarry run failed ({child.returncode}):\n{log[-3000:]}")
+    seen = {"peak": 0.0, "cpu": 0.0, "main": 0.0}
+
+    def sample(proc: psutil.Process) -> None:
+        seen["peak"] = max(seen["peak"], proc.memory_info().rss / 2**20)
+        times = proc.cpu_times()
+        seen["cpu"] = times.user + times.system
+        seen["main"] = next((t.user_time + t.system_time for t in proc.threads() if t.id == proc.pid), seen["main"])
+
+    wall = run_sampled(manifest, out, sets, sample, 0.1)
     summary = JobSummary.read(str(out))
-    return ScaleRun(summary.n_input, wall, peak, cpu, main, summary.n_ok)
+    return ScaleRun(summary.n_input, wall, seen["peak"], seen["cpu"], seen["main"], summary.n_ok)
 
 
 def run(rows: int, sets: list[str]) -> list[ScaleRun]:
