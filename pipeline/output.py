@@ -168,11 +168,13 @@ class TranscriptWriter:
         """Take the rows with a transient status out of the committed part at ``path`` (and their
         segment rows out of its segments part), so that this attempt redoes them; returns how many."""
         with self.fs.open(path, "rb") as f:
+            status = pq.read_table(f, columns=["status"])["status"]
+        if not pc.any(pc.is_in(status, pa.array(sorted(TRANSIENT)))).as_py():
+            return 0  # the common case: only the status column was read
+        with self.fs.open(path, "rb") as f:
             table = pq.read_table(f)
         transient = pc.is_in(table["status"], pa.array(sorted(TRANSIENT)))
         n = pc.sum(transient).as_py() or 0
-        if not n:
-            return 0
         keep = table.filter(pc.invert(transient))
         segments_path = f"{self.segments_dir}/{path.rsplit('/', 1)[-1]}"
         if self.fs.exists(segments_path):
