@@ -216,6 +216,12 @@ class EngineConfig(_Section):
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1, description="Rows per engine call.")
+    max_batches_in_flight: int = Field(
+        4, ge=1,
+        description="Batches each replica holds at once, so its model never waits for the next: vLLM takes "
+        "all their requests into its running batch as they arrive (continuous batching across batches); "
+        "other engines run one at a time with the next ones already converted and queued.",
+    )
     max_restarts: int = Field(
         8, ge=0,
         description="Times Ray may replace a replica whose engine died (or whose node was lost) before the job "

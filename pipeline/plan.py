@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -22,6 +23,7 @@ from .config import EngineConfig, JobConfig
 from .engines import preflight
 from .errors import CannotRun
 from .manifest import Manifest, PrepareStage
+from .meter import EngineFigures, busy_fraction
 from .output import TranscriptWriter, tally_output
 from .records import transcript_schema
 from .scrub import redact_uri
@@ -147,10 +149,10 @@ def _manifest_source(manifest: Manifest, rows_per_block: int):
     return Source()
 
 
-def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None):
+def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None, meter: Any = None):
     """The lazy Ray Dataset of rows for the driver (``stages.scored_schema``).
     ``committed_ref``: a Ray object ref to the positions (``records.RowSet``) of rows an earlier
-    attempt committed."""
+    attempt committed. ``meter``: an :class:`EngineMeter` actor the replicas report to."""
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
@@ -176,13 +178,17 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None)
         DecodeStage(cfg.audio, cfg.segment, cfg.storage.options, extras, task=cfg.task, diarize=cfg.diarize),
         batch_format="pyarrow", batch_size=max(1, e.batch_size // 2), num_cpus=cfg.audio.decode_cpus,
     )
+    report = functools.partial(_report, meter) if meter is not None else None
+    # max_batches_in_flight tasks at once per actor (max_concurrency: its threads), each awaited by
+    # the asynchronous InferenceStage, as ray.data.llm does for vLLM.
     ds = ds.map_batches(
         InferenceStage,
-        fn_constructor_kwargs={"engine": e, "extras": extras, "task": cfg.task, "words": cfg.word_times},
-        compute=ActorPoolStrategy(size=engine_replicas(e)),
+        fn_constructor_kwargs={"engine": e, "extras": extras, "task": cfg.task, "words": cfg.word_times,
+                               "report": report},
+        compute=ActorPoolStrategy(size=engine_replicas(e), max_tasks_in_flight_per_actor=e.max_batches_in_flight),
         batch_format="pyarrow", batch_size=e.batch_size,
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
-        max_restarts=e.max_restarts, max_task_retries=-1,
+        max_concurrency=e.max_batches_in_flight, max_restarts=e.max_restarts, max_task_retries=-1,
     )
     ds = ds.map_batches(
         ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=e.batch_size, num_cpus=LIGHT_STAGE_CPUS
@@ -191,6 +197,42 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None)
         ds = ds.map_batches(RedactStage(cfg.redact, extras), batch_format="pyarrow", batch_size=e.batch_size,
                             num_cpus=LIGHT_STAGE_CPUS)
     return ds
+
+
+class EngineMeter:
+    """A Ray actor (no CPU) holding each replica's latest :class:`EngineFigures`, keyed by its
+    process: a restarted replica is a new entry, its predecessor's figures stay."""
+
+    def __init__(self) -> None:
+        self.replicas: dict[str, EngineFigures] = {}
+
+    def put(self, replica: str, figures: EngineFigures) -> None:
+        self.replicas[replica] = figures
+
+    def figures(self) -> list[EngineFigures]:
+        return list(self.replicas.values())
+
+
+def _report(meter: Any, figures: EngineFigures) -> None:
+    """An InferenceStage's ``report``: send its replica's figures, without waiting."""
+    meter.put.remote(f"{socket.gethostname()}:{os.getpid()}", figures)
+
+
+def engine_figures(meter: Any, started: float) -> dict[str, float | None]:
+    """``RunFigures``' engine fields from the meter: when the first request reached an engine
+    (seconds after ``started``, a ``time.time()``) and the busy fraction from then on."""
+    import ray
+
+    try:
+        replicas = ray.get(meter.figures.remote(), timeout=30)
+    except Exception as e:  # noqa: BLE001 - a figure for people; the job's rows do not depend on it
+        log.warning("engine meter unreadable: %s", e)
+        return {}
+    if not replicas:
+        return {}
+    fraction = busy_fraction(replicas)
+    return {"engine_start_s": round(min(r.first_request_at for r in replicas) - started, 3),
+            "engine_busy_fraction": round(fraction, 4) if fraction is not None else None}
 
 
 class RedactedAudio:
@@ -336,7 +378,8 @@ def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, c
     phases["ray"], mark = time.perf_counter() - mark, time.perf_counter()
 
     committed_ref = ray.put(resume.committed) if resume.committed_rows else None
-    ds = build_dataset(cfg, manifest, committed_ref)
+    meter = ray.remote(num_cpus=0)(EngineMeter).remote()
+    ds = build_dataset(cfg, manifest, committed_ref, meter)
     assembler = Assembler(schema, cfg.scoring, SubtitleWriter(output_uri, cfg.output.subtitles, cfg.storage.options),
                           redact=cfg.redact)
     audio_writer = RedactedAudio(cfg, output_uri) if cfg.redact.audio else None
@@ -383,7 +426,8 @@ def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, c
         this_run=RunFigures(attempt=resume.attempt, n_committed_before=resume.committed_rows,
                             n_processed=run.n_input, audio_s=round(run.audio_s, 3),
                             inference_s=round(run.inference_s, 3), job_wall_s=round(wall, 3),
-                            driver_cpu_s=round(time.process_time() - cpu, 3)),
+                            driver_cpu_s=round(time.process_time() - cpu, 3),
+                            **engine_figures(meter, started)),
         stopped_early=stopped_early,
     )
     return RunResult(summary, summary.write(output_uri, cfg.storage.options))

@@ -7,11 +7,13 @@ Every stage keeps every row: a failure sets ``status`` / ``error`` and later sta
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +23,7 @@ from .config import AudioConfig, DiarizeConfig, EngineConfig, RedactConfig, Scor
 from .diarize.turns import as_regions, clip, main_speaker, speaker_columns
 from .engines import EngineRequest, EngineResult, is_engine_dead, load_engine
 from .errors import CannotRun
+from .meter import BusyClock, EngineFigures
 from .records import (DECODED, ENGINE, KEYWORDS, LANGID, OK, OUTPUT, PREPARED, RECORDING, REDACTED, SAMPLE_RATE_HZ,
                       SAMPLES, SCORE, SEGMENT, SPEAKERS, TEXT, WORDS, ColumnGroup, Status, null_row, schema_of)
 from .scrub import redact_text, redact_uri
@@ -176,21 +179,35 @@ class InferenceStage:
     """Runs the engine (one replica per actor). Reads ``samples`` (and drops them), adds the
     transcript and who made it.
 
-    A batch goes to the engine in ONE call, longest clip first: engines that pad a batch to its
-    longest clip (Whisper's encoder, Granite's) or schedule in arrival order (vLLM) then work on
-    clips of similar length together. Results are mapped back to their rows by position.
+    Asynchronous, so that the model never waits for the pipeline: Ray Data hands an actor several
+    batches at once (``engine.max_batches_in_flight``) and each is awaited here while the next are
+    converted. An engine that schedules requests continuously (vLLM: ``transcribe_async``) gets
+    every batch's requests as soon as it arrives, so they join its running batch across batch
+    boundaries; any other engine runs one batch at a time on a model thread, the next already
+    queued behind it. A batch goes to the engine in ONE call, longest clip first: engines that pad
+    a batch to its longest clip (Whisper's encoder, Granite's) then work on clips of similar length
+    together. Results are mapped back to their rows by position.
+
+    ``report``: called with this replica's :class:`~pipeline.meter.EngineFigures` at most every
+    ``REPORT_S`` seconds and whenever it runs dry (plan.py carries them to the driver).
     """
 
     reads: ClassVar[tuple[ColumnGroup, ...]] = DECODED_ROW
     adds: ClassVar[tuple[ColumnGroup, ...]] = (TEXT, ENGINE, WORDS)
+    REPORT_S = 2.0
 
     def __init__(self, engine: EngineConfig, extras: list[pa.Field] | tuple[pa.Field, ...],
-                 task: TaskConfig | None = None, words: bool = False):
+                 task: TaskConfig | None = None, words: bool = False,
+                 report: Callable[[EngineFigures], None] | None = None):
         self.engine = load_engine(engine, task)  # once per actor, never per batch
         self.words = words  # ask the engine for word timestamps (output.words, or diarize)
         self.schema = schema_of(INFERRED_ROW, extras)
+        self.clock = BusyClock()
+        self._report = report
+        self._reported_at = 0.0
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="quarry-engine")
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         for row in rows:
             row.update(null_row(*self.adds))
@@ -209,7 +226,7 @@ class InferenceStage:
             for row in todo
         ]
         started = time.perf_counter()
-        results = self._run(requests) if requests else []
+        results = await self._metered(requests) if requests else []
         elapsed = time.perf_counter() - started
         finished_at = datetime.now(timezone.utc)
         if len(results) != len(requests):
@@ -234,18 +251,35 @@ class InferenceStage:
             row["engine"], row["model"] = self.engine.name, self.engine.model
         return pa.Table.from_pylist(rows, schema=self.schema)
 
-    def _run(self, requests: list[EngineRequest]) -> list[EngineResult]:
+    async def _metered(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        self.clock.start(len(requests))
         try:
-            return self.engine.transcribe(requests)
+            return await self._run(requests)
+        finally:
+            self.clock.stop()
+            now = time.monotonic()
+            if self._report and (self.clock.in_flight == 0 or now - self._reported_at >= self.REPORT_S):
+                self._reported_at = now
+                self._report(self.clock.figures())
+
+    async def _call(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        concurrent = getattr(self.engine, "transcribe_async", None)
+        if concurrent is not None:
+            return await concurrent(requests)
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self.engine.transcribe, requests)
+
+    async def _run(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        try:
+            return await self._call(requests)
         except (MemoryError, SystemExit, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - isolate the failing rows by retrying one by one
             self._die_if_dead(e)
-            return [self._one(req) for req in requests]
+            return [await self._one(req) for req in requests]
 
-    def _one(self, request: EngineRequest) -> EngineResult:
+    async def _one(self, request: EngineRequest) -> EngineResult:
         try:
-            (result,) = self.engine.transcribe([request])
+            (result,) = await self._call([request])
             return result
         except (MemoryError, SystemExit, KeyboardInterrupt):
             raise
@@ -257,7 +291,7 @@ class InferenceStage:
     def _die_if_dead(error: Exception) -> None:
         """An engine that died would turn every later row on this replica into inference_error:
         end the actor's process instead, so that Ray restarts it (``engine.max_restarts``) and
-        retries its batch on a fresh replica."""
+        retries its batches on a fresh replica."""
         if is_engine_dead(error):
             log.error("engine died (%s: %s); ending this replica so that Ray replaces it",
                       type(error).__name__, error)

