@@ -51,6 +51,8 @@ def test_every_row_comes_out_once_with_its_own_audio_and_carried_columns(ray_ses
         assert out.loc[r["id"], "input_duration_s"] == "claimed"  # a clashing column is kept, renamed
     assert (out["status"] == "ok").all() and out["wer"].notna().all()
     assert result.summary.n_input == result.summary.n_ok == len(rows)
+    run = result.summary.this_run  # the engine meter's figures reached the driver
+    assert 0 < run.engine_start_s < run.job_wall_s and 0 < run.engine_busy_fraction <= 1
 
 
 def test_output_schema_is_explicit_and_identical_on_every_file(ray_session, clips, tmp_path):

@@ -63,6 +63,25 @@ def test_batch_of_real_clips_gives_one_result_per_request_in_order(engine, clips
     assert [r.text for r in reversed(again)] == [r.text for r in results]
 
 
+def test_concurrent_calls_share_the_running_batch_and_each_gets_its_own_results(engine, clips):
+    import asyncio
+
+    alone = engine.transcribe(clips)
+
+    async def two_calls():
+        return await asyncio.gather(engine.transcribe_async(clips[:2]), engine.transcribe_async(clips[2:]))
+
+    engine._loop.peak_in_flight = 0
+    first, second = asyncio.run(two_calls())
+    # The second call's requests joined the engine while the first's were still running.
+    assert engine._loop.peak_in_flight >= 3
+    for req, res, ref in zip(clips, first + second, alone, strict=True):
+        assert res.status == Status.OK.value, res.error
+        assert res.language == req.language
+        # each result is its own clip's (prompt lengths differ clip by clip): no rows swapped
+        assert res.extra["prompt_tokens"] == ref.extra["prompt_tokens"]
+
+
 def test_different_audio_gives_different_outputs(engine, clips):
     texts = [r.text for r in engine.transcribe(clips)]
     assert len(set(texts)) == len(texts), texts

@@ -1,0 +1,124 @@
+"""The engine loop's own logic, without Ray: several batches in one inference stage at once, the
+model thread that serialises engines which cannot share, and the busy clock (pipeline/meter.py).
+The fake engine stands in for the model; what these check is the stage's scheduling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import EngineConfig
+from pipeline.engines.fake import FakeEngine
+from pipeline.meter import BusyClock, EngineFigures, busy_fraction
+from pipeline.records import SAMPLE_RATE_HZ, null_row, schema_of
+from pipeline.stages import DECODED_ROW, InferenceStage
+
+HOLD_S = 0.05  # how long a call holds the model in these tests
+
+
+def batch(tag: str, n: int) -> pa.Table:
+    rows = []
+    for i in range(n):
+        samples = np.full(SAMPLE_RATE_HZ // 10 * (i + 1), i + len(tag), np.float32)
+        rows.append({**null_row(*DECODED_ROW), "id": f"{tag}-{i}", "row_index": i, "status": "ok",
+                     "audio": f"{tag}-{i}.wav", "task": "transcribe", "n_segments": 1, "segment_index": 0,
+                     "start_s": 0.0, "samples": samples.tobytes()})
+    return pa.Table.from_pylist(rows, schema=schema_of(DECODED_ROW, ()))
+
+
+class Recorder(FakeEngine):
+    """The fake engine, recording how many calls were inside it at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside = 0
+        self.peak = 0
+
+    def enter(self):
+        self.inside += 1
+        self.peak = max(self.peak, self.inside)
+
+    def transcribe(self, requests):
+        self.enter()
+        time.sleep(HOLD_S)
+        self.inside -= 1
+        return super().transcribe(requests)
+
+
+class Continuous(Recorder):
+    """As an engine that schedules continuously (vLLM): calls are awaited and share the model."""
+
+    async def transcribe_async(self, requests):
+        self.enter()
+        await asyncio.sleep(HOLD_S)
+        self.inside -= 1
+        return FakeEngine.transcribe(self, requests)
+
+
+def run_batches(engine, n_batches: int):
+    stage = InferenceStage(EngineConfig(name="fake"), ())
+    stage.engine = engine
+    reports: list[EngineFigures] = []
+    stage._report = reports.append
+    tables = [batch(f"b{k}", 3) for k in range(n_batches)]
+
+    async def all_at_once():
+        return await asyncio.gather(*(stage(t) for t in tables))
+
+    started = time.perf_counter()
+    outs = asyncio.run(all_at_once())
+    return tables, outs, stage, reports, time.perf_counter() - started
+
+
+def assert_own_results(tables, outs):
+    for table, out in zip(tables, outs, strict=True):
+        assert out.column("id").to_pylist() == table.column("id").to_pylist()
+        for row, got in zip(table.to_pylist(), out.to_pylist(), strict=True):
+            assert got["text"] == FakeEngine.fingerprint(np.frombuffer(row["samples"], np.float32))
+            assert got["status"] == "ok" and "samples" not in got
+
+
+def test_a_continuous_engine_gets_every_batch_in_flight_at_once():
+    engine = Continuous()
+    tables, outs, stage, reports, wall = run_batches(engine, 4)
+    assert engine.peak == 4  # all four batches inside the engine together, as vLLM's running batch
+    assert wall < 4 * HOLD_S  # so they took about one call's time, not four
+    assert_own_results(tables, outs)
+    figures = stage.clock.figures()
+    assert figures.requests == 12 and reports[-1] == figures
+    assert figures.busy_s == figures.wall_s  # never a moment without a request in the engine
+
+
+def test_an_engine_that_cannot_share_runs_one_batch_at_a_time_with_the_next_ones_queued():
+    engine = Recorder()
+    tables, outs, stage, reports, wall = run_batches(engine, 4)
+    assert engine.peak == 1  # the model thread serialises them ...
+    assert wall >= 4 * HOLD_S
+    assert_own_results(tables, outs)
+    figures = stage.clock.figures()
+    # ... and the next batch is always waiting: the model is busy from its first request to its last.
+    assert figures.busy_s == figures.wall_s and figures.wall_s >= 4 * HOLD_S
+
+
+def test_busy_clock_counts_only_time_with_work_in_flight():
+    now = [0.0]
+    clock = BusyClock(clock=lambda: now[0])
+    assert clock.figures() is None
+    clock.start(2)  # t=0: one batch in
+    now[0] = 1.0
+    clock.start(3)  # t=1: a second joins
+    now[0] = 2.0
+    clock.stop()
+    now[0] = 3.0
+    clock.stop()  # t=3: dry
+    now[0] = 5.0
+    clock.start(1)  # t=5: after 2 s without work
+    now[0] = 6.0
+    clock.stop()
+    f = clock.figures()
+    assert (f.wall_s, f.busy_s, f.requests) == (6.0, 4.0, 6)
+    assert busy_fraction([f, EngineFigures(0.0, 4.0, 4.0, 1)]) == 0.8
+    assert busy_fraction([]) is None
