@@ -67,7 +67,9 @@ def init_ray(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
-    env = {"OMP_NUM_THREADS": str(max(1, int(cfg.engine.cpus_per_replica))), "TOKENIZERS_PARALLELISM": "false"}
+    # One thread per worker process: decode tasks are sized by their number, not their threads. An
+    # engine on CPU sizes its model's threads to its machine itself (engines.common.machine_threads).
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
         return

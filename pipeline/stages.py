@@ -200,6 +200,9 @@ class InferenceStage:
                  task: TaskConfig | None = None, words: bool = False,
                  report: Callable[[EngineFigures], None] | None = None):
         self.engine = load_engine(engine, task)  # once per actor, never per batch
+        # One call on a second of silence: first-call costs (allocations, kernel selection) are
+        # start-up, paid before the first batch arrives.
+        self.engine.transcribe([EngineRequest(id="warm-up", samples=np.zeros(SAMPLE_RATE_HZ, np.float32))])
         self.words = words  # ask the engine for word timestamps (output.words, or diarize)
         self.schema = schema_of(INFERRED_ROW, extras)
         self.clock = BusyClock()

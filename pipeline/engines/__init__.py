@@ -31,7 +31,7 @@ def _vllm(cfg: EngineConfig, task: TaskConfig) -> Engine:
 def _transformers(cfg: EngineConfig, task: TaskConfig) -> Engine:
     from .transformers import TransformersEngine
 
-    return TransformersEngine(cfg.model, cfg.transformers, cpus=cfg.cpus_per_replica)
+    return TransformersEngine(cfg.model, cfg.transformers)
 
 
 def _fake(cfg: EngineConfig, task: TaskConfig) -> Engine:

@@ -58,6 +58,15 @@ def model_type(checkpoint: Path) -> str | None:
         raise EngineUnavailable(f"cannot read {checkpoint / 'config.json'}: {e}") from e
 
 
+def machine_threads() -> int:
+    """The cores this process may run on: what an engine on CPU uses for its model's threads (a
+    Ray CPU reservation schedules work; it does not size a model's thread pool)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def output_budget(duration_s: float, prompt_tokens: int, *, max_model_len: int,
                   max_output_tokens_per_s: float, min_output_tokens: int) -> int | str:
     """Output tokens a clip may generate, or the reason it is too long.

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 import numpy as np
 
 from .base import EngineRequest, EngineResult, EngineUnavailable
-from .common import admit, model_type, output_budget, resolve_model
+from .common import admit, machine_threads, model_type, output_budget, resolve_model
 from .prompts import GranitePrompts, normalize_language
 
 if TYPE_CHECKING:
@@ -220,8 +220,8 @@ class TransformersEngine:
 
         device = _pick_device(options.device, torch)
         dtype = _pick_dtype(options.dtype, device, torch)
-        if device == "cpu" and cpus:
-            torch.set_num_threads(max(1, int(round(cpus))))
+        if device == "cpu":  # every core of the machine, unless told otherwise
+            torch.set_num_threads(max(1, int(round(cpus))) if cpus else machine_threads())
         try:
             processor = AutoProcessor.from_pretrained(str(checkpoint))
             net = GraniteSpeechForConditionalGeneration.from_pretrained(str(checkpoint), dtype=dtype).to(device)

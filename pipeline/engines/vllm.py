@@ -16,12 +16,12 @@ import json
 import os
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..config import VllmOptions
 from ..constants import SAMPLE_RATE_HZ, Status
 from .base import EngineRequest, EngineResult, EngineUnavailable
-from .common import admit, model_type, output_budget
+from .common import admit, machine_threads, model_type, output_budget
 from .common import resolve_model as _resolve
 from .vllm_loop import EngineLoop
 from .prompts import GranitePrompts, PromptBuilder, WhisperPrompts, normalize_language
@@ -59,14 +59,24 @@ def _pick_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _cpu_environment() -> None:
-    """Settings vLLM reads from the environment at start-up; explicit user values win."""
+def _cpu_environment() -> Callable[[], None]:
+    """Settings vLLM reads from the environment at start-up (explicit user values win), and the
+    model's thread count; returns what sets that count on another thread."""
     from .whisper import cache_dir
 
     # In-process engine: start-up ~7 s instead of ~30 s, and no extra process per Ray actor.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
+    import torch
+
+    # The model runs on every core of the machine (Ray's workers start with OMP_NUM_THREADS=1, which
+    # suits decode tasks, not the model). OpenMP's thread count is per thread, and vLLM's CPU
+    # attention checks that it runs with the count it was set up with: the engine loop's thread
+    # sets the same one (with this function: vLLM replaces torch.set_num_threads with a no-op).
+    set_threads, threads = torch.set_num_threads, machine_threads()
+    set_threads(threads)
+    return lambda: set_threads(threads)
 
 
 class VllmEngine:
@@ -80,8 +90,7 @@ class VllmEngine:
         self.device = _pick_device(device)
         self.checkpoint = resolve_model(model)
         self.family = model_family(self.checkpoint)
-        if self.device == "cpu":
-            _cpu_environment()
+        on_loop_thread = _cpu_environment() if self.device == "cpu" else None
         try:
             from transformers import AutoProcessor
             from vllm import LLM
@@ -126,7 +135,7 @@ class VllmEngine:
         self.last_prompts: list[str | None] = []
         """Prompt sent for each request of the last ``transcribe`` call (None: not sent)."""
         self._aligner = None  # Granite's CTC-head aligner, loaded on the first request for words
-        self._loop = EngineLoop(self.llm.llm_engine)  # from here on only the loop touches the engine
+        self._loop = EngineLoop(self.llm.llm_engine, on_loop_thread)  # from here on only the loop touches the engine
 
     def _prompt_builder(self) -> PromptBuilder:
         if self.family == "granite":

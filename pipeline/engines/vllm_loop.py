@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Callable
 
 from .base import EngineDead
 
@@ -33,8 +33,9 @@ class EngineLoop:
     :class:`EngineDead`: the engine cannot be trusted after that, and its replica is replaced.
     """
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, on_start: Callable[[], None] | None = None):
         self._engine = engine
+        self._on_start = on_start  # run first on the loop's thread (per-thread settings: OpenMP threads)
         self._inbox: queue.SimpleQueue[tuple[str, Any, Any, Future]] = queue.SimpleQueue()
         self._pending: dict[str, Future] = {}
         self._ids = itertools.count()
@@ -71,6 +72,8 @@ class EngineLoop:
         self.peak_in_flight = max(self.peak_in_flight, len(self._pending))
 
     def _run(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         while True:
             if not self._pending:
                 self._add(*self._inbox.get())  # idle: sleep until work arrives
