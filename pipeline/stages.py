@@ -175,6 +175,25 @@ class DecodeStage:
         return names[index] if index < len(names) else f"ch{index}"
 
 
+def sample_views(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """Each row's float32 samples (``records.SAMPLES``) as a read-only view into the Arrow buffer
+    that holds them (an empty array for a null)."""
+    out: list[np.ndarray] = []
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        if data is None:
+            out.extend(np.zeros(0, np.float32) for _ in range(len(chunk)))
+            continue
+        bounds = np.frombuffer(offsets, np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+        raw = np.frombuffer(data, np.uint8)
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        for i in range(len(chunk)):
+            view = raw[bounds[i]:bounds[i + 1]] if valid[i] else raw[:0]
+            out.append(view.view(np.float32) if len(view) % 4 == 0 and view.ctypes.data % 4 == 0
+                       else np.frombuffer(view.tobytes(), np.float32))
+    return out
+
+
 class InferenceStage:
     """Runs the engine (one replica per actor). Reads ``samples`` (and drops them), adds the
     transcript and who made it.
@@ -211,14 +230,15 @@ class InferenceStage:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="quarry-engine")
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        for row in rows:
-            row.update(null_row(*self.adds))
+        audio = sample_views(batch.column("samples"))  # views of the Arrow buffer: no copy of the audio
+        rows = batch.drop_columns(["samples"]).to_pylist()
+        for row, samples in zip(rows, audio, strict=True):
+            row.update(null_row(*self.adds), samples=samples)
         todo = sorted((row for row in rows if row["status"] == OK), key=lambda r: -len(r["samples"]))
         requests = [
             EngineRequest(
                 id=row["id"],
-                samples=np.frombuffer(row["samples"], dtype=np.float32),
+                samples=row["samples"],
                 language=row["language"],
                 task=row["task"],
                 target_language=row["target_language"],

@@ -122,3 +122,14 @@ def test_busy_clock_counts_only_time_with_work_in_flight():
     assert (f.wall_s, f.busy_s, f.requests) == (6.0, 4.0, 6)
     assert busy_fraction([f, EngineFigures(0.0, 4.0, 4.0, 1)]) == 0.8
     assert busy_fraction([]) is None
+
+
+def test_sample_views_read_the_arrow_buffer_in_place_and_keep_nulls_empty():
+    from pipeline.stages import sample_views
+
+    clips = [np.arange(n, dtype=np.float32) for n in (3, 0, 5)]
+    column = pa.chunked_array([pa.array([c.tobytes() for c in clips] + [None], pa.large_binary())])
+    sliced = column.slice(1)  # an offset into the chunk, as Ray Data's batches have
+    views = sample_views(sliced)
+    assert [v.tolist() for v in views] == [[], [0.0, 1.0, 2.0, 3.0, 4.0], []]
+    assert not views[1].flags.owndata  # a view, not a copy
