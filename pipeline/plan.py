@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +32,12 @@ from .summary import JobSummary, JobTally, RunFigures
 
 log = logging.getLogger("quarry")
 
-# Small CPU reservations for light stages, so they never starve the actor pool (on a 2-core
-# machine an actor pool that takes every CPU would otherwise leave the read task pending forever).
-LIGHT_STAGE_CPUS = 0.25
+# Light stages (the manifest read, scoring, redaction) reserve no CPU: a reservation they barely use
+# would idle the core a decode task could have, and on a small machine an actor pool that takes
+# every CPU would leave them pending forever. Their concurrency is capped instead (one task each
+# per LIGHT_TASKS_PER_CORE cores), so they never flood the node with worker processes.
+LIGHT_STAGE_CPUS = 0.0
+LIGHT_TASKS_PER_CORE = 0.5
 MAX_READ_BLOCKS = 4096
 
 
@@ -69,21 +73,39 @@ def init_ray(cfg: JobConfig) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
         return
-    ray.init(
-        num_cpus=cfg.ray.num_cpus,
-        object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": env},
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    # A local Ray's workers inherit the environment of the raylet this process starts, so the
+    # variables go there rather than into a job runtime env: workers Ray prestarts then serve the
+    # job at once (a runtime env would have every worker started anew, one at a time per core).
+    with _environment(env):
+        ray.init(
+            num_cpus=cfg.ray.num_cpus,
+            object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            configure_logging=False,
+        )
     node_ip = ray.util.get_node_ip_address()
     if node_ip not in ("127.0.0.1", "::1"):
         ray.shutdown()  # it would serve the cluster network, with this job's credentials in its workers
         raise LocalRayExposed(
             f"local Ray advertises {node_ip}, not loopback: Ray was imported before quarry could set "
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set it in the environment, or run through `quarry run`)")
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment (for the processes it starts) while inside."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class LocalRayExposed(CannotRun, RuntimeError):
@@ -105,11 +127,38 @@ def engine_replicas(e: EngineConfig) -> int:
     return int(gpus // e.gpus_per_replica)
 
 
-def read_manifest(manifest: Manifest, cfg: JobConfig):
-    """A Ray Dataset of the manifest's raw rows, read in Ray tasks through the manifest's own reader
-    (:meth:`Manifest.read`, so every row carries its position), streamed in blocks of about one
-    engine batch: a block is what one decode task works through and what moves on downstream as
-    one unit, so blocks of about a batch keep decode parallel and results streaming to the driver."""
+def cluster_cpus() -> float:
+    """The CPUs of the Ray cluster (call after Ray is initialised)."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def light_tasks(cpus: float) -> int:
+    """How many tasks a light stage runs at once on a cluster of ``cpus`` CPUs."""
+    return max(1, int(cpus * LIGHT_TASKS_PER_CORE))
+
+
+def decode_cpus(cfg: JobConfig, replicas: int, cpus: float) -> float:
+    """CPUs per decode task: ``audio.decode_cpus``, or one core each out of what the engine
+    replicas leave free (less where under a core is free, so that decode still runs)."""
+    if cfg.audio.decode_cpus:
+        return cfg.audio.decode_cpus
+    free = cpus - replicas * cfg.engine.cpus_per_replica
+    return 1.0 if free >= 1 else max(free, 0.25)
+
+
+def read_manifest(manifest: Manifest, cfg: JobConfig, cpus: float = LIGHT_STAGE_CPUS):
+    """A Ray Dataset of the manifest's raw rows, read in Ray tasks of ``cpus`` CPUs through the
+    manifest's own reader (:meth:`Manifest.read`, so every row carries its position), streamed in
+    blocks of about one engine batch: a block is what one decode task works through and what
+    moves on downstream as one unit, so blocks of about a batch keep decode parallel and results
+    streaming to the driver.
+
+    Where the manifest splits into runs of about a block each (a plain JSONL file: every 16th line's
+    offset is known), each read task reads one run, and reserving what a decode task does lets Ray
+    Data fuse reading into the decode tasks (reading costs little beside decoding). Otherwise (CSV,
+    compressed, Parquet with few row groups) Ray splits the readers' output into blocks."""
     import ray.data
 
     rows_per_block = max(cfg.engine.batch_size, -(-manifest.n_rows // MAX_READ_BLOCKS))
@@ -119,7 +168,10 @@ def read_manifest(manifest: Manifest, cfg: JobConfig):
         # this process's memory, so handing it to Ray costs nothing extra.
         tables = list(manifest.batches(rows_per_block))
         return ray.data.from_arrow(tables) if tables else ray.data.from_items([])
-    return ray.data.read_datasource(_manifest_source(manifest, rows_per_block), num_cpus=0)
+    blocks = max(1, min(MAX_READ_BLOCKS, -(-manifest.n_rows // rows_per_block)))
+    runs = len(manifest.ranges(blocks))
+    return ray.data.read_datasource(_manifest_source(manifest, rows_per_block), num_cpus=cpus,
+                                    override_num_blocks=runs if 2 * runs >= blocks else blocks)
 
 
 def _manifest_source(manifest: Manifest, rows_per_block: int):
@@ -167,29 +219,36 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None)
         committed = functools.partial(ray.get, committed_ref)
     extras = manifest.extras
     e = cfg.engine
-    ds = read_manifest(manifest, cfg)
+    replicas = engine_replicas(e)
+    cpus = cluster_cpus()
+    light = light_tasks(cpus)
+    # Read, prepare and decode reserve the same CPUs, so Ray Data fuses them into one task (no
+    # worker process or object-store hop between them); so do score and redact.
+    per_decode = decode_cpus(cfg, replicas, cpus)
+    ds = read_manifest(manifest, cfg, per_decode)
     ds = ds.map_batches(
         PrepareStage(manifest, cfg.input.columns, cfg.task, committed),
-        batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS,
+        batch_format="pyarrow", batch_size=None, num_cpus=per_decode,
     )
     ds = ds.map_batches(
         DecodeStage(cfg.audio, cfg.segment, cfg.storage.options, extras, task=cfg.task, diarize=cfg.diarize),
-        batch_format="pyarrow", batch_size=max(1, e.batch_size // 2), num_cpus=cfg.audio.decode_cpus,
+        batch_format="pyarrow", batch_size=None, num_cpus=per_decode,  # a block each (a batch size stops fusion)
     )
     ds = ds.map_batches(
         InferenceStage,
         fn_constructor_kwargs={"engine": e, "extras": extras, "task": cfg.task, "words": cfg.word_times},
-        compute=ActorPoolStrategy(size=engine_replicas(e)),
+        compute=ActorPoolStrategy(size=replicas),
         batch_format="pyarrow", batch_size=e.batch_size,
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
         max_restarts=e.max_restarts, max_task_retries=-1,
     )
     ds = ds.map_batches(
-        ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=e.batch_size, num_cpus=LIGHT_STAGE_CPUS
+        ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=e.batch_size, num_cpus=LIGHT_STAGE_CPUS,
+        concurrency=light,
     )
     if cfg.redact.enabled:  # recordings whole in one row; stitched ones on the driver (assemble.py)
         ds = ds.map_batches(RedactStage(cfg.redact, extras), batch_format="pyarrow", batch_size=e.batch_size,
-                            num_cpus=LIGHT_STAGE_CPUS)
+                            num_cpus=LIGHT_STAGE_CPUS, concurrency=light)
     return ds
 
 
@@ -199,13 +258,14 @@ class RedactedAudio:
     the spans. At most ``MAX_IN_FLIGHT`` tasks wait at once; :meth:`wait` collects them all."""
 
     MAX_IN_FLIGHT = 16
+    CPUS = 0.25  # a copy re-decodes its recording: a share of a core, so that 16 in flight stay bounded
 
     def __init__(self, cfg: JobConfig, output_uri: str):
         import ray
 
         from .redact.audio import write_redacted_audio
 
-        self._task = ray.remote(num_cpus=LIGHT_STAGE_CPUS)(write_redacted_audio)
+        self._task = ray.remote(num_cpus=self.CPUS)(write_redacted_audio)
         self._ray = ray
         self.cfg = cfg
         self.output_uri = output_uri
