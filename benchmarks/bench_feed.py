@@ -143,7 +143,7 @@ def quarry_job(manifest: Path, out: Path, sets: list[str]) -> JobRun:
         raise RuntimeError(f"no start-up line in the job's log:\n{log[-3000:]}")
     summary = JobSummary.read(str(out))
     return JobRun(summary.n_input, summary.n_ok, summary.audio_s, wall, summary.job_wall_s,
-                  {k: float(v) for k, v in PHASE.findall(found.group(1))})
+                  {k: float(v) for k, v in PHASE.findall(found.group(1)) if k != "total"})
 
 
 def _phases(run: JobRun) -> str:

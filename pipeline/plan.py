@@ -8,6 +8,7 @@ the driver: Assembler (segments back into recordings) -> TranscriptWriter -> sum
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -199,10 +200,50 @@ def _manifest_source(manifest: Manifest, rows_per_block: int):
     return Source()
 
 
-def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None):
+STARTUP_KV_NAMESPACE = "quarry-startup"
+
+
+class TimedInferenceStage(InferenceStage):
+    """:class:`InferenceStage` that notes, for the start-up log, when its actor began loading the
+    engine and when it was ready (wall-clock seconds), in Ray's key-value store under
+    ``startup_key`` (small, and no extra process: the driver reads it at the first rows)."""
+
+    def __init__(self, *, startup_key: str | None = None, **kwargs: Any):
+        began = time.time()
+        super().__init__(**kwargs)
+        if startup_key:
+            from ray.experimental.internal_kv import _internal_kv_put
+
+            _internal_kv_put(f"{startup_key}/{os.getpid()}", json.dumps([began, time.time()]),
+                             namespace=STARTUP_KV_NAMESPACE)
+
+
+def actor_startup(startup_key: str, executed_at: float, first_rows_at: float) -> dict[str, float]:
+    """The start-up of the first engine replica to load, as phases that add up to the time from
+    ``executed_at`` (the dataset started) to ``first_rows_at`` (wall-clock seconds): ``actor start``
+    (process, imports), ``model load`` (the engine's constructor) and ``first rows`` (the first
+    batch through decode, inference and scoring after that). Empty where no replica reported."""
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_list
+
+    marks = []
+    for key in _internal_kv_list(startup_key, namespace=STARTUP_KV_NAMESPACE):
+        value = _internal_kv_get(key, namespace=STARTUP_KV_NAMESPACE)
+        if value:
+            marks.append(json.loads(value))
+    _internal_kv_del(startup_key, del_by_prefix=True, namespace=STARTUP_KV_NAMESPACE)
+    if not marks:
+        return {}
+    began, ready = min(marks, key=lambda m: m[1])
+    began = min(max(began, executed_at), first_rows_at)  # clocks of other nodes may differ a little
+    ready = min(max(ready, began), first_rows_at)
+    return {"actor start": began - executed_at, "model load": ready - began, "first rows": first_rows_at - ready}
+
+
+def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None, startup_key: str | None = None):
     """The lazy Ray Dataset of rows for the driver (``stages.scored_schema``).
     ``committed_ref``: a Ray object ref to the positions (``records.RowSet``) of rows an earlier
-    attempt committed."""
+    attempt committed. ``startup_key``: where the engine replicas note their start-up
+    (:func:`actor_startup`)."""
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
@@ -235,8 +276,9 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None)
         batch_format="pyarrow", batch_size=None, num_cpus=per_decode,  # a block each (a batch size stops fusion)
     )
     ds = ds.map_batches(
-        InferenceStage,
-        fn_constructor_kwargs={"engine": e, "extras": extras, "task": cfg.task, "words": cfg.word_times},
+        TimedInferenceStage,
+        fn_constructor_kwargs={"engine": e, "extras": extras, "task": cfg.task, "words": cfg.word_times,
+                               "startup_key": startup_key},
         compute=ActorPoolStrategy(size=replicas),
         batch_format="pyarrow", batch_size=e.batch_size,
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
@@ -298,6 +340,13 @@ class RedactedAudio:
     def wait(self) -> None:
         self._collect(self._refs)
         self._refs = []
+
+
+def startup_line(phases: dict[str, float]) -> str:
+    """The start-up phases in one line, then their total: ``manifest`` (count and fingerprint),
+    ``output`` (resume check), ``ray`` (start or join), ``plan`` (the Ray Data graph), ``actor
+    start``, ``model load``, ``first rows`` (see :func:`actor_startup`)."""
+    return ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + f" (total {sum(phases.values()):.1f} s)"
 
 
 def progress_line(run: JobTally, todo: int | None, elapsed_s: float, long_in_flight: int) -> str:
@@ -396,7 +445,8 @@ def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, c
     phases["ray"], mark = time.perf_counter() - mark, time.perf_counter()
 
     committed_ref = ray.put(resume.committed) if resume.committed_rows else None
-    ds = build_dataset(cfg, manifest, committed_ref)
+    startup_key = f"{ray.get_runtime_context().get_job_id()}-{os.getpid()}-{time.time_ns()}"
+    ds = build_dataset(cfg, manifest, committed_ref, startup_key)
     assembler = Assembler(schema, cfg.scoring, SubtitleWriter(output_uri, cfg.output.subtitles, cfg.storage.options),
                           redact=cfg.redact)
     audio_writer = RedactedAudio(cfg, output_uri) if cfg.redact.audio else None
@@ -405,10 +455,13 @@ def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, c
     last_log = clock
     budget = cfg.output
     stopped_early = False
+    phases["plan"], mark = time.perf_counter() - mark, time.perf_counter()
+    executed_at = time.time()  # Ray Data starts the graph at the first batch asked for
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         if "first rows" not in phases:  # actors started, models loaded, the first batch through
-            phases["first rows"] = time.perf_counter() - mark
-            log.info("start-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+            phases.update(actor_startup(startup_key, executed_at, time.time())
+                          or {"first rows": time.perf_counter() - mark})
+            log.info("start-up: %s", startup_line(phases))
         recordings, segments = assembler.add(batch)
         run.add(writer.write(recordings, segments))
         if audio_writer:

@@ -74,10 +74,19 @@ class DecodeStage:
             for piece in self._rows(row):
                 out.append(piece)
                 if len(out) >= self.segment.rows_per_batch:
-                    yield pa.Table.from_pylist(out, schema=self.schema)
+                    yield self._table(out)
                     out = []
         if out:
-            yield pa.Table.from_pylist(out, schema=self.schema)
+            yield self._table(out)
+
+    def _table(self, rows: list[dict]) -> pa.Table:
+        """The rows as a table; their ``samples`` (float32 arrays, or None) are copied once, straight
+        into the column's buffer (no ``bytes`` per row)."""
+        pieces = [row.pop("samples") for row in rows]
+        name = SAMPLES.names[0]
+        at = self.schema.get_field_index(name)
+        table = pa.Table.from_pylist(rows, schema=self.schema.remove(at))
+        return table.add_column(at, self.schema.field(at), samples_column(pieces))
 
     def _rows(self, row: dict) -> Iterator[dict]:
         row.update(null_row(*self.adds))
@@ -145,7 +154,7 @@ class DecodeStage:
                     "speech": speech if seg.index == 0 else None,
                     "segment_speaker": main_speaker(as_regions(own)) if own is not None else None,
                     "speaker_regions": own,
-                    "samples": np.ascontiguousarray(samples[seg.start:seg.end], dtype=np.float32).tobytes(),
+                    "samples": samples[seg.start:seg.end],  # a view: copied once, into the column
                 }
 
     def _analyse(self, row: dict, samples: np.ndarray):
@@ -170,6 +179,19 @@ class DecodeStage:
     def _channel_name(self, index: int) -> str:
         names = self.audio.channel_names
         return names[index] if index < len(names) else f"ch{index}"
+
+
+def samples_column(pieces: list[np.ndarray | None]) -> pa.Array:
+    """``records.SAMPLES``'s column (float32 bytes per row, null where None) from float32 arrays,
+    built in one copy: the arrays are concatenated into the column's data buffer."""
+    kept = [np.ascontiguousarray(p, dtype=np.float32) for p in pieces if p is not None]
+    offsets = np.zeros(len(pieces) + 1, np.int64)
+    np.cumsum([0 if p is None else p.size * 4 for p in pieces], out=offsets[1:])
+    data = np.concatenate(kept).view(np.uint8) if kept else np.zeros(0, np.uint8)
+    nulls = len(pieces) - len(kept)
+    valid = pa.array([p is not None for p in pieces], pa.bool_()).buffers()[1] if nulls else None
+    return pa.LargeBinaryArray.from_buffers(SAMPLES.fields[0].type, len(pieces),
+                                            [valid, pa.py_buffer(offsets), pa.py_buffer(data)], nulls)
 
 
 class InferenceStage:
