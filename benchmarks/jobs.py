@@ -17,6 +17,12 @@ def run_sampled(manifest: Path, out: Path, sets: list[str], sample: Callable[[ps
     calling ``sample`` with the driver's process every ``interval_s`` until it exits (a process
     that vanishes between samples is not an error). Returns the wall seconds; raises with the
     log's tail when the job fails."""
+    return run_logged(manifest, out, sets, sample, interval_s)[0]
+
+
+def run_logged(manifest: Path, out: Path, sets: list[str], sample: Callable[[psutil.Process], None] | None = None,
+               interval_s: float = 0.1) -> tuple[float, str]:
+    """:func:`run_sampled`, returning the wall seconds and the job's log (stdout and stderr)."""
     cmd = [sys.executable, "-m", "pipeline.cli", "run", "--manifest", str(manifest), "--output", str(out),
            "--overwrite", *[a for s in sets for a in ("--set", s)]]
     started = time.perf_counter()
@@ -24,7 +30,8 @@ def run_sampled(manifest: Path, out: Path, sets: list[str], sample: Callable[[ps
     proc = psutil.Process(child.pid)
     while child.poll() is None:
         try:
-            sample(proc)
+            if sample:
+                sample(proc)
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             pass
         time.sleep(interval_s)
@@ -32,4 +39,4 @@ def run_sampled(manifest: Path, out: Path, sets: list[str], sample: Callable[[ps
     log = child.stdout.read() if child.stdout else ""
     if child.returncode != 0:
         raise RuntimeError(f"quarry run over {manifest} failed ({child.returncode}):\n{log[-3000:]}")
-    return wall
+    return wall, log

@@ -97,8 +97,11 @@ class AudioConfig(_Section):
         "connects and socket reads time out sooner (at most 60 s). A timed-out attempt is retried as "
         "transient, then the row gets fetch_error.",
     )
-    decode_cpus: float = Field(
-        0.5, gt=0, description="CPUs Ray reserves per decode task (fractional keeps actors fed)."
+    decode_cpus: float | None = Field(
+        None, gt=0,
+        description="CPUs Ray reserves per decode task; null = sized to the cluster: one core each, so as "
+        "many decode tasks run at once as the cluster has cores the engine replicas leave free (less "
+        "than one core where fewer are free).",
     )
     channels: Literal["mix", "split"] = Field(
         "mix", description="mix: downmix to mono; split: transcribe each channel on its own (stereo calls)."
@@ -198,6 +201,10 @@ DEFAULT_MODELS = {
 }
 """The model each engine runs when ``engine.model`` is not given."""
 
+DEFAULT_CPUS = {"whisper": 1.0, "vllm": 1.0, "transformers": 1.0, "fake": 0.0}
+"""The CPUs each engine's replica reserves when ``engine.cpus_per_replica`` is not given: a core
+for a model, none for the fake engine (a reserved core it does not use would idle a decode task's)."""
+
 
 class EngineConfig(_Section):
     name: Literal["whisper", "vllm", "transformers", "fake"] = Field("whisper", description="Which engine runs.")
@@ -213,7 +220,11 @@ class EngineConfig(_Section):
         description="Actors, one model replica each; null = one per gpus_per_replica GPUs in the "
         "cluster when gpus_per_replica > 0, else 1.",
     )
-    cpus_per_replica: float = Field(1.0, gt=0)
+    cpus_per_replica: float = Field(
+        None, ge=0, validate_default=True,
+        description="CPUs Ray reserves per replica (a CPU engine's threads too); null = the engine's need "
+        "(DEFAULT_CPUS: one core for the model engines, none for fake, which only hashes the audio).",
+    )
     gpus_per_replica: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1, description="Rows per engine call.")
     max_batches_in_flight: int = Field(
@@ -235,6 +246,11 @@ class EngineConfig(_Section):
     @classmethod
     def _default_model(cls, value: str | None, info) -> str:
         return value or DEFAULT_MODELS[info.data.get("name", "whisper")]
+
+    @field_validator("cpus_per_replica", mode="before")
+    @classmethod
+    def _default_cpus(cls, value: float | None, info) -> float:
+        return DEFAULT_CPUS[info.data.get("name", "whisper")] if value is None else value
 
 
 class TaskConfig(_Section):

@@ -14,22 +14,26 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EngineFigures:
-    """One replica's figures so far. ``first_request_at``: wall-clock time (``time.time()``) its
-    first request reached the engine; ``wall_s``: from then to its latest result; ``busy_s``: the
-    part of ``wall_s`` with requests in the engine."""
+    """One replica's figures so far, times in wall-clock seconds (``time.time()``): ``began_at``, its
+    process began loading the engine; ``ready_at``, the engine was loaded and warmed up;
+    ``first_request_at``, its first request reached the engine (None before); ``wall_s``, from then
+    to its latest result; ``busy_s``, the part of ``wall_s`` with requests in the engine."""
 
-    first_request_at: float
-    wall_s: float
-    busy_s: float
-    requests: int
+    began_at: float
+    ready_at: float
+    first_request_at: float | None = None
+    wall_s: float = 0.0
+    busy_s: float = 0.0
+    requests: int = 0
 
 
 class BusyClock:
     """Time with work in flight over wall time, from the first request on (one replica; call from
-    one thread, e.g. the stage's event loop)."""
+    one thread, e.g. the stage's event loop). ``began_at`` / ``ready_at``: the replica's start-up."""
 
-    def __init__(self, clock=time.perf_counter):
+    def __init__(self, began_at: float = 0.0, ready_at: float = 0.0, clock=time.perf_counter):
         self._clock = clock
+        self._began_at, self._ready_at = began_at, ready_at
         self._in_flight = 0
         self._first: float | None = None
         self._first_wall = 0.0
@@ -58,13 +62,13 @@ class BusyClock:
             self._busy += now - self._since
         self._last = now
 
-    def figures(self) -> EngineFigures | None:
+    def figures(self) -> EngineFigures:
         if self._first is None:
-            return None
+            return EngineFigures(self._began_at, self._ready_at)
         now = self._clock()
         busy = self._busy + (now - self._since if self._in_flight else 0.0)
         end = now if self._in_flight else self._last
-        return EngineFigures(self._first_wall, end - self._first, busy, self.requests)
+        return EngineFigures(self._began_at, self._ready_at, self._first_wall, end - self._first, busy, self.requests)
 
 
 def busy_fraction(replicas: list[EngineFigures]) -> float | None:

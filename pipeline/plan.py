@@ -13,7 +13,8 @@ import os
 import socket
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +34,12 @@ from .summary import JobSummary, JobTally, RunFigures
 
 log = logging.getLogger("quarry")
 
-# Small CPU reservations for light stages, so they never starve the actor pool (on a 2-core
-# machine an actor pool that takes every CPU would otherwise leave the read task pending forever).
-LIGHT_STAGE_CPUS = 0.25
+# Light stages (the manifest read, scoring, redaction) reserve no CPU: a reservation they barely use
+# would idle the core a decode task could have, and on a small machine an actor pool that takes
+# every CPU would leave them pending forever. Their concurrency is capped instead (one task each
+# per LIGHT_TASKS_PER_CORE cores), so they never flood the node with worker processes.
+LIGHT_STAGE_CPUS = 0.0
+LIGHT_TASKS_PER_CORE = 0.5
 MAX_READ_BLOCKS = 4096
 
 
@@ -73,21 +77,39 @@ def init_ray(cfg: JobConfig) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
         return
-    ray.init(
-        num_cpus=cfg.ray.num_cpus,
-        object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": env},
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    # A local Ray's workers inherit the environment of the raylet this process starts, so the
+    # variables go there rather than into a job runtime env: workers Ray prestarts then serve the
+    # job at once (a runtime env would have every worker started anew, one at a time per core).
+    with _environment(env):
+        ray.init(
+            num_cpus=cfg.ray.num_cpus,
+            object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            configure_logging=False,
+        )
     node_ip = ray.util.get_node_ip_address()
     if node_ip not in ("127.0.0.1", "::1"):
         ray.shutdown()  # it would serve the cluster network, with this job's credentials in its workers
         raise LocalRayExposed(
             f"local Ray advertises {node_ip}, not loopback: Ray was imported before quarry could set "
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set it in the environment, or run through `quarry run`)")
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment (for the processes it starts) while inside."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class LocalRayExposed(CannotRun, RuntimeError):
@@ -109,11 +131,38 @@ def engine_replicas(e: EngineConfig) -> int:
     return int(gpus // e.gpus_per_replica)
 
 
-def read_manifest(manifest: Manifest, cfg: JobConfig):
-    """A Ray Dataset of the manifest's raw rows, read in Ray tasks through the manifest's own reader
-    (:meth:`Manifest.read`, so every row carries its position), streamed in blocks of about one
-    engine batch: a block is what one decode task works through and what moves on downstream as
-    one unit, so blocks of about a batch keep decode parallel and results streaming to the driver."""
+def cluster_cpus() -> float:
+    """The CPUs of the Ray cluster (call after Ray is initialised)."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def light_tasks(cpus: float) -> int:
+    """How many tasks a light stage runs at once on a cluster of ``cpus`` CPUs."""
+    return max(1, int(cpus * LIGHT_TASKS_PER_CORE))
+
+
+def decode_cpus(cfg: JobConfig, replicas: int, cpus: float) -> float:
+    """CPUs per decode task: ``audio.decode_cpus``, or one core each out of what the engine
+    replicas leave free (less where under a core is free, so that decode still runs)."""
+    if cfg.audio.decode_cpus:
+        return cfg.audio.decode_cpus
+    free = cpus - replicas * cfg.engine.cpus_per_replica
+    return 1.0 if free >= 1 else max(free, 0.25)
+
+
+def read_manifest(manifest: Manifest, cfg: JobConfig, cpus: float = LIGHT_STAGE_CPUS):
+    """A Ray Dataset of the manifest's raw rows, read in Ray tasks of ``cpus`` CPUs through the
+    manifest's own reader (:meth:`Manifest.read`, so every row carries its position), streamed in
+    blocks of about one engine batch: a block is what one decode task works through and what
+    moves on downstream as one unit, so blocks of about a batch keep decode parallel and results
+    streaming to the driver.
+
+    Where the manifest splits into runs of about a block each (a plain JSONL file: every 16th line's
+    offset is known), each read task reads one run, and reserving what a decode task does lets Ray
+    Data fuse reading into the decode tasks (reading costs little beside decoding). Otherwise (CSV,
+    compressed, Parquet with few row groups) Ray splits the readers' output into blocks."""
     import ray.data
 
     rows_per_block = max(cfg.engine.batch_size, -(-manifest.n_rows // MAX_READ_BLOCKS))
@@ -123,7 +172,10 @@ def read_manifest(manifest: Manifest, cfg: JobConfig):
         # this process's memory, so handing it to Ray costs nothing extra.
         tables = list(manifest.batches(rows_per_block))
         return ray.data.from_arrow(tables) if tables else ray.data.from_items([])
-    return ray.data.read_datasource(_manifest_source(manifest, rows_per_block), num_cpus=0)
+    blocks = max(1, min(MAX_READ_BLOCKS, -(-manifest.n_rows // rows_per_block)))
+    runs = len(manifest.ranges(blocks))
+    return ray.data.read_datasource(_manifest_source(manifest, rows_per_block), num_cpus=cpus,
+                                    override_num_blocks=runs if 2 * runs >= blocks else blocks)
 
 
 def _manifest_source(manifest: Manifest, rows_per_block: int):
@@ -151,6 +203,20 @@ def _manifest_source(manifest: Manifest, rows_per_block: int):
     return Source()
 
 
+def actor_startup(replicas: list[EngineFigures], executed_at: float, first_rows_at: float) -> dict[str, float]:
+    """The start-up of the first engine replica to be ready, as phases that add up to the time from
+    ``executed_at`` (the dataset started) to ``first_rows_at`` (wall-clock seconds): ``actor start``
+    (process, imports), ``model load`` (the engine's constructor and its warm-up) and ``first rows``
+    (the first batch through decode, inference and scoring after that). Empty where no replica
+    reported."""
+    if not replicas:
+        return {}
+    first = min(replicas, key=lambda r: r.ready_at)
+    began = min(max(first.began_at, executed_at), first_rows_at)  # clocks of other nodes may differ a little
+    ready = min(max(first.ready_at, began), first_rows_at)
+    return {"actor start": began - executed_at, "model load": ready - began, "first rows": first_rows_at - ready}
+
+
 def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None, meter: Any = None):
     """The lazy Ray Dataset of rows for the driver (``stages.scored_schema``).
     ``committed_ref``: a Ray object ref to the positions (``records.RowSet``) of rows an earlier
@@ -171,14 +237,20 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
         committed = functools.partial(ray.get, committed_ref)
     extras = manifest.extras
     e = cfg.engine
-    ds = read_manifest(manifest, cfg)
+    replicas = engine_replicas(e)
+    cpus = cluster_cpus()
+    light = light_tasks(cpus)
+    # Read, prepare and decode reserve the same CPUs, so Ray Data fuses them into one task (no
+    # worker process or object-store hop between them); so do score and redact.
+    per_decode = decode_cpus(cfg, replicas, cpus)
+    ds = read_manifest(manifest, cfg, per_decode)
     ds = ds.map_batches(
         PrepareStage(manifest, cfg.input.columns, cfg.task, committed),
-        batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS,
+        batch_format="pyarrow", batch_size=None, num_cpus=per_decode,
     )
     ds = ds.map_batches(
         DecodeStage(cfg.audio, cfg.segment, cfg.storage.options, extras, task=cfg.task, diarize=cfg.diarize),
-        batch_format="pyarrow", batch_size=max(1, e.batch_size // 2), num_cpus=cfg.audio.decode_cpus,
+        batch_format="pyarrow", batch_size=None, num_cpus=per_decode,  # a block each (a batch size stops fusion)
     )
     report = functools.partial(_report, meter) if meter is not None else None
     # max_batches_in_flight tasks at once per actor (max_concurrency: its threads), each awaited by
@@ -187,17 +259,18 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
         InferenceStage,
         fn_constructor_kwargs={"engine": e, "extras": extras, "task": cfg.task, "words": cfg.word_times,
                                "report": report},
-        compute=ActorPoolStrategy(size=engine_replicas(e), max_tasks_in_flight_per_actor=e.max_batches_in_flight),
+        compute=ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=e.max_batches_in_flight),
         batch_format="pyarrow", batch_size=e.batch_size,
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
         max_concurrency=e.max_batches_in_flight, max_restarts=e.max_restarts, max_task_retries=-1,
     )
     ds = ds.map_batches(
-        ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=e.batch_size, num_cpus=LIGHT_STAGE_CPUS
+        ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=e.batch_size, num_cpus=LIGHT_STAGE_CPUS,
+        concurrency=light,
     )
     if cfg.redact.enabled:  # recordings whole in one row; stitched ones on the driver (assemble.py)
         ds = ds.map_batches(RedactStage(cfg.redact, extras), batch_format="pyarrow", batch_size=e.batch_size,
-                            num_cpus=LIGHT_STAGE_CPUS)
+                            num_cpus=LIGHT_STAGE_CPUS, concurrency=light)
     return ds
 
 
@@ -220,16 +293,22 @@ def _report(meter: Any, figures: EngineFigures) -> None:
     meter.put.remote(f"{socket.gethostname()}:{os.getpid()}", figures)
 
 
-def engine_figures(meter: Any, started: float) -> dict[str, float | None]:
-    """``RunFigures``' engine fields from the meter: when the first request reached an engine
-    (seconds after ``started``, a ``time.time()``) and the busy fraction from then on."""
+def meter_figures(meter: Any) -> list[EngineFigures]:
+    """Every replica's latest figures (none if the meter cannot be read: they are for people, the
+    job's rows do not depend on them)."""
     import ray
 
     try:
-        replicas = ray.get(meter.figures.remote(), timeout=30)
-    except Exception as e:  # noqa: BLE001 - a figure for people; the job's rows do not depend on it
+        return ray.get(meter.figures.remote(), timeout=30)
+    except Exception as e:  # noqa: BLE001
         log.warning("engine meter unreadable: %s", e)
-        return {}
+        return []
+
+
+def engine_figures(meter: Any, started: float) -> dict[str, float | None]:
+    """``RunFigures``' engine fields from the meter: when the first request reached an engine
+    (seconds after ``started``, a ``time.time()``) and the busy fraction from then on."""
+    replicas = [r for r in meter_figures(meter) if r.first_request_at is not None]
     if not replicas:
         return {}
     fraction = busy_fraction(replicas)
@@ -243,13 +322,14 @@ class RedactedAudio:
     the spans. At most ``MAX_IN_FLIGHT`` tasks wait at once; :meth:`wait` collects them all."""
 
     MAX_IN_FLIGHT = 16
+    CPUS = 0.25  # a copy re-decodes its recording: a share of a core, so that 16 in flight stay bounded
 
     def __init__(self, cfg: JobConfig, output_uri: str):
         import ray
 
         from .redact.audio import write_redacted_audio
 
-        self._task = ray.remote(num_cpus=LIGHT_STAGE_CPUS)(write_redacted_audio)
+        self._task = ray.remote(num_cpus=self.CPUS)(write_redacted_audio)
         self._ray = ray
         self.cfg = cfg
         self.output_uri = output_uri
@@ -282,6 +362,13 @@ class RedactedAudio:
     def wait(self) -> None:
         self._collect(self._refs)
         self._refs = []
+
+
+def startup_line(phases: dict[str, float]) -> str:
+    """The start-up phases in one line, then their total: ``manifest`` (count and fingerprint),
+    ``output`` (resume check), ``ray`` (start or join), ``plan`` (the Ray Data graph), ``actor
+    start``, ``model load``, ``first rows`` (see :func:`actor_startup`)."""
+    return ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + f" (total {sum(phases.values()):.1f} s)"
 
 
 def progress_line(run: JobTally, todo: int | None, elapsed_s: float, long_in_flight: int) -> str:
@@ -390,10 +477,13 @@ def _run(cfg: JobConfig, manifest: Manifest, output_uri: str, overwrite: bool, c
     last_log = clock
     budget = cfg.output
     stopped_early = False
+    phases["plan"], mark = time.perf_counter() - mark, time.perf_counter()
+    executed_at = time.time()  # Ray Data starts the graph at the first batch asked for
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         if "first rows" not in phases:  # actors started, models loaded, the first batch through
-            phases["first rows"] = time.perf_counter() - mark
-            log.info("start-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+            phases.update(actor_startup(meter_figures(meter), executed_at, time.time())
+                          or {"first rows": time.perf_counter() - mark})
+            log.info("start-up: %s", startup_line(phases))
         recordings, segments = assembler.add(batch)
         run.add(writer.write(recordings, segments))
         if audio_writer:

@@ -77,10 +77,19 @@ class DecodeStage:
             for piece in self._rows(row):
                 out.append(piece)
                 if len(out) >= self.segment.rows_per_batch:
-                    yield pa.Table.from_pylist(out, schema=self.schema)
+                    yield self._table(out)
                     out = []
         if out:
-            yield pa.Table.from_pylist(out, schema=self.schema)
+            yield self._table(out)
+
+    def _table(self, rows: list[dict]) -> pa.Table:
+        """The rows as a table; their ``samples`` (float32 arrays, or None) are copied once, straight
+        into the column's buffer (no ``bytes`` per row)."""
+        pieces = [row.pop("samples") for row in rows]
+        name = SAMPLES.names[0]
+        at = self.schema.get_field_index(name)
+        table = pa.Table.from_pylist(rows, schema=self.schema.remove(at))
+        return table.add_column(at, self.schema.field(at), samples_column(pieces))
 
     def _rows(self, row: dict) -> Iterator[dict]:
         row.update(null_row(*self.adds))
@@ -148,7 +157,7 @@ class DecodeStage:
                     "speech": speech if seg.index == 0 else None,
                     "segment_speaker": main_speaker(as_regions(own)) if own is not None else None,
                     "speaker_regions": own,
-                    "samples": np.ascontiguousarray(samples[seg.start:seg.end], dtype=np.float32).tobytes(),
+                    "samples": samples[seg.start:seg.end],  # a view: copied once, into the column
                 }
 
     def _analyse(self, row: dict, samples: np.ndarray):
@@ -194,6 +203,19 @@ def sample_views(column: pa.ChunkedArray) -> list[np.ndarray]:
     return out
 
 
+def samples_column(pieces: list[np.ndarray | None]) -> pa.Array:
+    """``records.SAMPLES``'s column (float32 bytes per row, null where None) from float32 arrays,
+    built in one copy: the arrays are concatenated into the column's data buffer."""
+    kept = [np.ascontiguousarray(p, dtype=np.float32) for p in pieces if p is not None]
+    offsets = np.zeros(len(pieces) + 1, np.int64)
+    np.cumsum([0 if p is None else p.size * 4 for p in pieces], out=offsets[1:])
+    data = np.concatenate(kept).view(np.uint8) if kept else np.zeros(0, np.uint8)
+    nulls = len(pieces) - len(kept)
+    valid = pa.array([p is not None for p in pieces], pa.bool_()).buffers()[1] if nulls else None
+    return pa.LargeBinaryArray.from_buffers(SAMPLES.fields[0].type, len(pieces),
+                                            [valid, pa.py_buffer(offsets), pa.py_buffer(data)], nulls)
+
+
 class InferenceStage:
     """Runs the engine (one replica per actor). Reads ``samples`` (and drops them), adds the
     transcript and who made it.
@@ -218,15 +240,18 @@ class InferenceStage:
     def __init__(self, engine: EngineConfig, extras: list[pa.Field] | tuple[pa.Field, ...],
                  task: TaskConfig | None = None, words: bool = False,
                  report: Callable[[EngineFigures], None] | None = None):
+        began = time.time()
         self.engine = load_engine(engine, task)  # once per actor, never per batch
         # One call on a second of silence: first-call costs (allocations, kernel selection) are
         # start-up, paid before the first batch arrives.
         self.engine.transcribe([EngineRequest(id="warm-up", samples=np.zeros(SAMPLE_RATE_HZ, np.float32))])
         self.words = words  # ask the engine for word timestamps (output.words, or diarize)
         self.schema = schema_of(INFERRED_ROW, extras)
-        self.clock = BusyClock()
+        self.clock = BusyClock(began, time.time())
         self._report = report
         self._reported_at = 0.0
+        if report:
+            report(self.clock.figures())  # its start-up, for the driver's start-up line
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="quarry-engine")
 
     async def __call__(self, batch: pa.Table) -> pa.Table:

@@ -106,7 +106,7 @@ def test_an_engine_that_cannot_share_runs_one_batch_at_a_time_with_the_next_ones
 def test_busy_clock_counts_only_time_with_work_in_flight():
     now = [0.0]
     clock = BusyClock(clock=lambda: now[0])
-    assert clock.figures() is None
+    assert clock.figures().first_request_at is None
     clock.start(2)  # t=0: one batch in
     now[0] = 1.0
     clock.start(3)  # t=1: a second joins
@@ -120,7 +120,7 @@ def test_busy_clock_counts_only_time_with_work_in_flight():
     clock.stop()
     f = clock.figures()
     assert (f.wall_s, f.busy_s, f.requests) == (6.0, 4.0, 6)
-    assert busy_fraction([f, EngineFigures(0.0, 4.0, 4.0, 1)]) == 0.8
+    assert busy_fraction([f, EngineFigures(0.0, 0.0, 0.0, 4.0, 4.0, 1)]) == 0.8
     assert busy_fraction([]) is None
 
 

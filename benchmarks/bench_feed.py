@@ -1,0 +1,195 @@
+"""The feed's efficiency, side by side in one run (``make bench-feed``, or
+``python -m benchmarks.bench_feed --help``): how fast the pipeline moves audio when the model costs
+nothing (engine ``fake``), against a plain single-core loop doing the same work on the same files.
+
+* **raw loop**: for each file, read its bytes, decode with libsndfile, downmix, resample to 16 kHz
+  with soxr at the job's quality (HQ): one core, no Ray. Run before and after the pipeline; the
+  mean of the two is the reference (the machine's speed drifts between runs).
+* **pipeline**: a real ``quarry run`` over the same files in a child process, engine ``fake``.
+  Reported two ways: the whole job (the child's wall time, start-up and Ray's shut-down included)
+  and the steady state (the job's audio over its own wall time less the start-up it logs, from
+  ``run_job``'s start to the first rows at the driver).
+* **per-core efficiency**: pipeline steady RTFx / (cores x raw RTFx); 1.0 would mean every core
+  decodes as fast as the plain loop.
+* **rows per second**: a job over many 1-second clips (one row each): the per-row cost of the
+  pipeline (whole job, start-up included, and steady).
+
+The mixed corpus is made once from the evaluation clips (``tests/data/eval``) and cached: each clip
+in turn as FLAC 16 kHz mono, MP3 44.1 kHz stereo or Opus 48 kHz mono (cycled until the corpus
+holds ``--minutes`` of audio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from pipeline.records import SAMPLE_RATE_HZ as RATE
+from pipeline.summary import JobSummary
+
+from .jobs import run_logged
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL = REPO / "tests" / "data" / "eval"
+CACHE = Path(tempfile.gettempdir()) / "quarry-bench-feed"
+FORMATS = ("flac", "mp3", "opus")
+STARTUP = re.compile(r"start-up: (.*)")
+PHASE = re.compile(r"([a-z][a-z ]*?) ([0-9.]+) s")
+
+
+def _clips() -> list[Path]:
+    rows = [json.loads(line) for line in (EVAL / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    return [EVAL / r["audio"] for r in rows]
+
+
+def _write(clip: Path, fmt: str, dest: Path) -> None:
+    samples, rate = sf.read(clip, dtype="float32")
+    if fmt == "flac":
+        shutil.copyfile(clip, dest)
+    elif fmt == "mp3":
+        x = soxr.resample(samples, rate, 44100, quality="HQ")
+        sf.write(dest, np.stack([x, 0.8 * x], axis=1), 44100, format="MP3", subtype="MPEG_LAYER_III")
+    else:
+        sf.write(dest, soxr.resample(samples, rate, 48000, quality="HQ"), 48000, format="OGG", subtype="OPUS")
+
+
+def mixed_corpus(minutes: float) -> Path:
+    """The manifest of the mixed corpus (made once, then reused from the cache)."""
+    folder = CACHE / f"mixed-{minutes:g}min"
+    manifest = folder / "manifest.jsonl"
+    if manifest.exists():
+        return manifest
+    folder.mkdir(parents=True, exist_ok=True)
+    clips, lines, total = _clips(), [], 0.0
+    i = 0
+    while total < minutes * 60:
+        clip = clips[i % len(clips)]
+        fmt = FORMATS[(i + i // len(clips)) % len(FORMATS)]  # every clip in every format in turn
+        name = f"{i:05d}_{clip.stem}.{fmt}"
+        _write(clip, fmt, folder / name)
+        total += sf.info(clip).duration
+        lines.append(json.dumps({"id": f"{i:05d}", "audio": name}))
+        i += 1
+    manifest.write_text("\n".join(lines) + "\n")  # last: the marker that the corpus is complete
+    return manifest
+
+
+def short_corpus(rows: int) -> Path:
+    """A manifest of ``rows`` 1-second clips (FLAC 16 kHz, the eval clips' first seconds, cycled)."""
+    folder = CACHE / "one-second"
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / f"manifest-{rows}.jsonl"
+    if manifest.exists():
+        return manifest
+    clips = _clips()[:20]
+    for k, clip in enumerate(clips):
+        if not (folder / f"{k:02d}.flac").exists():
+            samples, rate = sf.read(clip, dtype="float32", frames=RATE)
+            sf.write(folder / f"{k:02d}.flac", samples, rate)
+    manifest.write_text("".join(json.dumps({"id": f"s{i:06d}", "audio": f"{i % len(clips):02d}.flac"}) + "\n"
+                                for i in range(rows)))
+    return manifest
+
+
+def raw_loop(manifest: Path, quality: str = "HQ") -> tuple[float, float]:
+    """(audio seconds, wall seconds) of the plain loop over the manifest's files, on one core."""
+    folder = manifest.parent
+    names = [json.loads(line)["audio"] for line in manifest.read_text().splitlines() if line.strip()]
+    audio_s = 0.0
+    started = time.perf_counter()
+    for name in names:
+        data = (folder / name).read_bytes()
+        x, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        mono = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
+        out = soxr.resample(mono, rate, RATE, quality=quality) if rate != RATE else mono
+        audio_s += len(out) / RATE
+    return audio_s, time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class JobRun:
+    rows: int
+    n_ok: int
+    audio_s: float
+    process_wall_s: float  # the child process: interpreter start, imports, run_job, Ray's shut-down
+    job_wall_s: float  # run_job's own
+    startup: dict[str, float]  # run_job's phases up to the first rows at the driver
+
+    @property
+    def startup_s(self) -> float:
+        return sum(self.startup.values())
+
+    @property
+    def steady_s(self) -> float:
+        return max(1e-9, self.job_wall_s - self.startup_s)
+
+
+def quarry_job(manifest: Path, out: Path, sets: list[str]) -> JobRun:
+    wall, log = run_logged(manifest, out, sets)
+    found = STARTUP.search(log)
+    if not found:
+        raise RuntimeError(f"no start-up line in the job's log:\n{log[-3000:]}")
+    summary = JobSummary.read(str(out))
+    return JobRun(summary.n_input, summary.n_ok, summary.audio_s, wall, summary.job_wall_s,
+                  {k: float(v) for k, v in PHASE.findall(found.group(1)) if k != "total"})
+
+
+def _phases(run: JobRun) -> str:
+    return ", ".join(f"{k} {v:.1f} s" for k, v in run.startup.items()) + f" (total {run.startup_s:.1f} s)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=30.0, help="audio in the mixed corpus (default 30)")
+    parser.add_argument("--short-rows", type=int, default=2000, help="1-second clips in the rows-per-second job")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides for the pipeline's jobs (always: engine.name=fake)")
+    args = parser.parse_args(argv)
+    sets = ["engine.name=fake", "output.progress_interval_s=1000", *args.overrides]
+    cores = os.cpu_count() or 1
+    manifest = mixed_corpus(args.minutes)
+    short = short_corpus(args.short_rows)
+    print(f"corpus: {manifest.parent} ({args.minutes:g} min: FLAC 16 kHz mono, MP3 44.1 kHz stereo, Opus 48 kHz)")
+    print(f"settings: {' '.join(sets)}; {cores} cores", flush=True)
+
+    raw_audio, raw_wall = raw_loop(manifest)
+    print(f"raw loop (1 core), before: {raw_audio:.0f} s of audio in {raw_wall:.2f} s, RTFx {raw_audio / raw_wall:.0f}",
+          flush=True)
+    work = Path(tempfile.mkdtemp(prefix="quarry-bench-feed-"))
+    try:
+        feed = quarry_job(manifest, work / "feed", sets)
+        rows = quarry_job(short, work / "rows", sets)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    raw_audio2, raw_wall2 = raw_loop(manifest)
+    print(f"raw loop (1 core), after: {raw_audio2:.0f} s of audio in {raw_wall2:.2f} s, "
+          f"RTFx {raw_audio2 / raw_wall2:.0f}")
+    raw_rtfx = (raw_audio / raw_wall + raw_audio2 / raw_wall2) / 2
+
+    steady = feed.audio_s / feed.steady_s
+    print(f"pipeline: {feed.n_ok}/{feed.rows} rows ok, {feed.audio_s:.0f} s of audio; whole job "
+          f"{feed.process_wall_s:.1f} s -> RTFx {feed.audio_s / feed.process_wall_s:.0f}; run_job {feed.job_wall_s:.1f} s "
+          f"-> RTFx {feed.audio_s / feed.job_wall_s:.0f}; steady {feed.steady_s:.1f} s -> RTFx {steady:.0f}")
+    print(f"pipeline start-up: {_phases(feed)}")
+    print(f"per-core efficiency (steady): {steady:.0f} / ({cores} x {raw_rtfx:.0f}) = {steady / (cores * raw_rtfx):.2f}")
+    print(f"per-core efficiency (whole job): {feed.audio_s / feed.process_wall_s / (cores * raw_rtfx):.2f}")
+    print(f"rows per second (1-second clips): {rows.n_ok}/{rows.rows} ok; whole job {rows.process_wall_s:.1f} s -> "
+          f"{rows.rows / rows.process_wall_s:.0f} rows/s; run_job {rows.job_wall_s:.1f} s -> "
+          f"{rows.rows / rows.job_wall_s:.0f} rows/s; steady {rows.steady_s:.1f} s -> {rows.rows / rows.steady_s:.0f} rows/s")
+    print(f"rows job start-up: {_phases(rows)}")
+
+
+if __name__ == "__main__":
+    main()
