@@ -7,8 +7,9 @@ nothing (engine ``fake``), against a plain single-core loop doing the same work 
   mean of the two is the reference (the machine's speed drifts between runs).
 * **pipeline**: a real ``quarry run`` over the same files in a child process, engine ``fake``.
   Reported two ways: the whole job (the child's wall time, start-up and Ray's shut-down included)
-  and the steady state (the job's audio over its own wall time less the start-up it logs, from
-  ``run_job``'s start to the first rows at the driver).
+  and the steady state, from the rows' own ``finished_at`` (stamped per batch by the engine
+  stage): the audio of the rows finished after the first batch, over the time from the first
+  batch's finish to the last one's.
 * **per-core efficiency**: pipeline steady RTFx / (cores x raw RTFx); 1.0 would mean every core
   decodes as fast as the plain loop.
 * **rows per second**: a job over many 1-second clips (one row each): the per-row cost of the
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import soundfile as sf
 import soxr
 
@@ -131,9 +133,9 @@ class JobRun:
     def startup_s(self) -> float:
         return sum(self.startup.values())
 
-    @property
-    def steady_s(self) -> float:
-        return max(1e-9, self.job_wall_s - self.startup_s)
+    steady_audio_s: float  # audio of the rows finished after the first batch ...
+    steady_s: float  # ... over the time from the first batch's finish to the last's
+    steady_rows: int
 
 
 def quarry_job(manifest: Path, out: Path, sets: list[str]) -> JobRun:
@@ -142,8 +144,14 @@ def quarry_job(manifest: Path, out: Path, sets: list[str]) -> JobRun:
     if not found:
         raise RuntimeError(f"no start-up line in the job's log:\n{log[-3000:]}")
     summary = JobSummary.read(str(out))
+    # The steady state, from the rows' own finish times (the engine stage stamps each batch):
+    # the rows finished after the first batch, over the time from its finish to the last one's.
+    table = pq.read_table(out / "transcripts", columns=["finished_at", "duration_s"]).to_pandas()
+    finished = (table["finished_at"] - table["finished_at"].min()).dt.total_seconds()  # from the first batch
+    later = finished > 0
     return JobRun(summary.n_input, summary.n_ok, summary.audio_s, wall, summary.job_wall_s,
-                  {k: float(v) for k, v in PHASE.findall(found.group(1)) if k != "total"})
+                  {k: float(v) for k, v in PHASE.findall(found.group(1)) if k != "total"},
+                  float(table.loc[later, "duration_s"].sum()), max(1e-9, float(finished.max())), int(later.sum()))
 
 
 def _phases(run: JobRun) -> str:
@@ -152,7 +160,7 @@ def _phases(run: JobRun) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=30.0, help="audio in the mixed corpus (default 30)")
+    parser.add_argument("--minutes", type=float, default=120.0, help="audio in the mixed corpus (default 120)")
     parser.add_argument("--short-rows", type=int, default=2000, help="1-second clips in the rows-per-second job")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides for the pipeline's jobs (always: engine.name=fake)")
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
           f"RTFx {raw_audio2 / raw_wall2:.0f}")
     raw_rtfx = (raw_audio / raw_wall + raw_audio2 / raw_wall2) / 2
 
-    steady = feed.audio_s / feed.steady_s
+    steady = feed.steady_audio_s / feed.steady_s
     print(f"pipeline: {feed.n_ok}/{feed.rows} rows ok, {feed.audio_s:.0f} s of audio; whole job "
           f"{feed.process_wall_s:.1f} s -> RTFx {feed.audio_s / feed.process_wall_s:.0f}; run_job {feed.job_wall_s:.1f} s "
           f"-> RTFx {feed.audio_s / feed.job_wall_s:.0f}; steady {feed.steady_s:.1f} s -> RTFx {steady:.0f}")
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"per-core efficiency (whole job): {feed.audio_s / feed.process_wall_s / (cores * raw_rtfx):.2f}")
     print(f"rows per second (1-second clips): {rows.n_ok}/{rows.rows} ok; whole job {rows.process_wall_s:.1f} s -> "
           f"{rows.rows / rows.process_wall_s:.0f} rows/s; run_job {rows.job_wall_s:.1f} s -> "
-          f"{rows.rows / rows.job_wall_s:.0f} rows/s; steady {rows.steady_s:.1f} s -> {rows.rows / rows.steady_s:.0f} rows/s")
+          f"{rows.rows / rows.job_wall_s:.0f} rows/s; steady {rows.steady_s:.1f} s -> {rows.steady_rows / rows.steady_s:.0f} rows/s")
     print(f"rows job start-up: {_phases(rows)}")
 
 

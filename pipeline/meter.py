@@ -76,3 +76,18 @@ def busy_fraction(replicas: list[EngineFigures]) -> float | None:
     replicas (a replica that idles waiting for input lowers it)."""
     wall = sum(r.wall_s for r in replicas)
     return sum(r.busy_s for r in replicas) / wall if wall > 0 else None
+
+
+class EngineMeter:
+    """Each replica's latest :class:`EngineFigures`, keyed by its process: a restarted replica is a
+    new entry, its predecessor's figures stay. plan.py runs it as a zero-CPU Ray actor (defined
+    here, in a light module, so that its worker imports little)."""
+
+    def __init__(self) -> None:
+        self.replicas: dict[str, EngineFigures] = {}
+
+    def put(self, replica: str, figures: EngineFigures) -> None:
+        self.replicas[replica] = figures
+
+    def figures(self) -> list[EngineFigures]:
+        return list(self.replicas.values())

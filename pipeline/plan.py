@@ -24,7 +24,7 @@ from .config import EngineConfig, JobConfig
 from .engines import preflight
 from .errors import CannotRun
 from .manifest import Manifest, PrepareStage
-from .meter import EngineFigures, busy_fraction
+from .meter import EngineFigures, EngineMeter, busy_fraction
 from .output import TranscriptWriter, tally_output
 from .records import transcript_schema
 from .scrub import redact_uri
@@ -272,20 +272,6 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
         ds = ds.map_batches(RedactStage(cfg.redact, extras), batch_format="pyarrow", batch_size=e.batch_size,
                             num_cpus=LIGHT_STAGE_CPUS, concurrency=light)
     return ds
-
-
-class EngineMeter:
-    """A Ray actor (no CPU) holding each replica's latest :class:`EngineFigures`, keyed by its
-    process: a restarted replica is a new entry, its predecessor's figures stay."""
-
-    def __init__(self) -> None:
-        self.replicas: dict[str, EngineFigures] = {}
-
-    def put(self, replica: str, figures: EngineFigures) -> None:
-        self.replicas[replica] = figures
-
-    def figures(self) -> list[EngineFigures]:
-        return list(self.replicas.values())
 
 
 def _report(meter: Any, figures: EngineFigures) -> None:
