@@ -132,6 +132,11 @@ class WhisperEngine:
         """Batched CTranslate2 calls so far (language detection and decoding), counted by batch size."""
         return self._batcher.generate_calls
 
+    @property
+    def passed_on(self) -> Counter[str]:
+        """Clips batching handed to the one-by-one path after decoding them, by reason."""
+        return self._batcher.passed_on
+
     def _unsupported(self, req: EngineRequest) -> str | None:
         lang = (req.language or "").split("-")[0].lower() or None
         if req.task not in ("transcribe", "translate"):

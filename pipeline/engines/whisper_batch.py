@@ -45,13 +45,15 @@ class WindowBatcher:
     """Batched first-window decoding on one loaded ``WhisperModel``.
 
     ``generate_calls`` counts the CTranslate2 generate calls made here by batch size (detection
-    and decoding alike): what a test or a benchmark reads to see that batching happened.
+    and decoding alike), ``passed_on`` the clips answered None by reason (``temperature``,
+    ``next_window``): what a test or a benchmark reads to see what batching did.
     """
 
     def __init__(self, model: WhisperModel, beam_size: int):
         self._model = model
         self._beam_size = beam_size
         self.generate_calls: Counter[int] = Counter()
+        self.passed_on: Counter[str] = Counter()
 
     def fits(self, samples: np.ndarray) -> bool:
         """True when the clip is one window: faster-whisper decodes it in a single pass."""
@@ -98,6 +100,7 @@ class WindowBatcher:
         retry = (get_compression_ratio(tokenizer.decode(tokens).strip()) > d["compression_ratio_threshold"]
                  or avg_logprob < d["log_prob_threshold"])
         if retry and not silent_low:
+            self.passed_on["temperature"] += 1
             return None
         # generate_segments' no-speech skip: the window gives no segment.
         if result.no_speech_prob > d["no_speech_threshold"] and not avg_logprob > d["log_prob_threshold"]:
@@ -108,6 +111,7 @@ class WindowBatcher:
             segment_duration=size * self._model.feature_extractor.time_per_frame, seek=0,
         )
         if seek < content_frames:  # the window ended mid-segment: faster-whisper decodes on from there
+            self.passed_on["next_window"] += 1
             return None
         texts = [t for s in segments if s["start"] != s["end"] and (t := tokenizer.decode(s["tokens"])).strip()]
         return Decoded("".join(texts).strip(), avg_logprob if texts else None)
