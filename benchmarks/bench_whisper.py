@@ -1,0 +1,145 @@
+"""Quarry's whisper engine alone against faster-whisper's own modes, side by side in one run
+(``make bench-whisper``, or ``python -m benchmarks.bench_whisper --help``): a developer's benchmark.
+
+The same clips: the English eval clips of at most 30 s (``tests/data/eval``, 23 clips, 213 s),
+the list repeated ``--repeat`` times (6: about 21 minutes of audio). The same settings: tiny.en,
+int8, beam 5, language en, text only, a CTranslate2 thread per core this process may use. Audio is
+decoded before any timing; each mode is warmed on one clip first.
+
+* ``sequential``: faster-whisper ``WhisperModel.transcribe``, clip by clip;
+* ``batched-pipeline``: faster-whisper ``BatchedInferencePipeline.transcribe(clip, batch_size=B)``,
+  clip by clip, without VAD as the others (it batches the windows of one recording: a clip of
+  <= 30 s is one window, a batch of one);
+* ``batched-pipeline+vad``: the same with its default ``vad_filter=True`` (speech chunks of a clip,
+  silence cut out: not the same settings, so its WER may differ);
+* ``quarry``: ``WhisperEngine.transcribe`` over the clips, B requests per call, ``batch_size=B``.
+
+Wall seconds, RTFx (audio seconds per wall second), corpus WER (whisper_english normaliser,
+summed counts) and Quarry's wall over each mode's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import soundfile as sf
+
+from pipeline.config import ScoringConfig, WhisperOptions
+from pipeline.engines import EngineRequest
+from pipeline.engines.whisper import WhisperEngine, resolve_model, usable_cores
+from pipeline.records import SAMPLE_RATE_HZ as RATE
+from pipeline.scoring import CorpusTally, score
+from tests.conftest import EVAL_DIR, eval_rows
+
+MODEL = "tiny.en"
+LANGUAGE = "en"
+
+
+@dataclass(frozen=True)
+class Clip:
+    id: str
+    samples: np.ndarray
+    reference: str
+
+
+@dataclass(frozen=True)
+class ModeRun:
+    label: str
+    audio_s: float
+    wall_s: float
+    wer: float
+
+    def line(self, quarry_wall_s: float) -> str:
+        return (f"{self.label:<22} {self.wall_s:>8.1f} {self.audio_s / self.wall_s:>7.1f} {self.wer:>7.4f} "
+                f"{quarry_wall_s / self.wall_s:>12.2f}")
+
+
+HEADER = f"{'mode':<22} {'wall s':>8} {'RTFx':>7} {'WER':>7} {'quarry/mode':>12}"
+
+
+def load_clips(repeat: int, max_s: float = 30.0) -> list[Clip]:
+    rows = [r for r in eval_rows(LANGUAGE) if r["duration_s"] <= max_s]
+    clips = []
+    for r in rows:
+        samples, rate = sf.read(EVAL_DIR / r["audio"], dtype="float32")
+        if rate != RATE:
+            raise ValueError(f"{r['audio']}: {rate} Hz, the eval clips are {RATE} Hz")
+        clips.append(Clip(r["id"], samples, r["reference"]))
+    return [Clip(f"{c.id}#{k}", c.samples, c.reference) for k in range(repeat) for c in clips]
+
+
+def corpus_wer(clips: list[Clip], texts: list[str]) -> float:
+    tally = CorpusTally(metric="wer", normalizer="whisper_english")
+    for clip, text in zip(clips, texts, strict=True):
+        c = score(clip.reference, text, LANGUAGE, ScoringConfig())
+        tally.add(c.ref_units, c.substitutions, c.deletions, c.insertions)
+    return tally.rate
+
+
+def measure(label: str, clips: list[Clip], transcribe: Callable[[list[Clip]], list[str]]) -> ModeRun:
+    transcribe(clips[:1])  # warm-up: first-call allocations out of the timing
+    started = time.perf_counter()
+    texts = transcribe(clips)
+    wall_s = time.perf_counter() - started
+    return ModeRun(label, sum(len(c.samples) for c in clips) / RATE, wall_s, corpus_wer(clips, texts))
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = WhisperOptions()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="repeat the clip list K times (6: about 21 min of audio; default 1, 213 s)")
+    parser.add_argument("--batch-size", type=int, default=options.batch_size,
+                        help="B: BatchedInferencePipeline's batch_size, Quarry's whisper.batch_size and requests per call")
+    parser.add_argument("--modes", default="sequential,batched-pipeline,batched-pipeline+vad,quarry",
+                        help="comma-separated modes to run (quarry is the ratio's base and always runs)")
+    args = parser.parse_args(argv)
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    clips = load_clips(args.repeat)
+    threads = usable_cores()
+    beam = options.beam_size
+    print(f"{len(clips)} clips ({args.repeat} x the English eval clips <= 30 s), "
+          f"{sum(len(c.samples) for c in clips) / RATE:.0f} s of audio; {MODEL}, {options.compute_type}, beam {beam}, "
+          f"text only, {threads} threads, B={args.batch_size}", flush=True)
+    model = WhisperModel(resolve_model(MODEL), device="cpu", compute_type=options.compute_type, cpu_threads=threads)
+    pipeline = BatchedInferencePipeline(model)
+
+    def sequential(batch: list[Clip]) -> list[str]:
+        return ["".join(s.text for s in model.transcribe(
+            c.samples, language=LANGUAGE, beam_size=beam, without_timestamps=True)[0]).strip() for c in batch]
+
+    def batched_pipeline(vad: bool) -> Callable[[list[Clip]], list[str]]:
+        def run(batch: list[Clip]) -> list[str]:
+            return ["".join(s.text for s in pipeline.transcribe(
+                c.samples, language=LANGUAGE, beam_size=beam, without_timestamps=True, vad_filter=vad,
+                batch_size=args.batch_size)[0]).strip() for c in batch]
+        return run
+
+    engine = WhisperEngine(MODEL, options.model_copy(update={"batch_size": args.batch_size}))
+
+    def quarry(batch: list[Clip]) -> list[str]:
+        texts = []
+        for k in range(0, len(batch), args.batch_size):
+            part = batch[k:k + args.batch_size]
+            results = engine.transcribe([EngineRequest(c.id, c.samples, LANGUAGE) for c in part])
+            texts += [r.text or "" for r in results]
+        return texts
+
+    modes = {"sequential": sequential, "batched-pipeline": batched_pipeline(False),
+             "batched-pipeline+vad": batched_pipeline(True)}
+    runs = [measure(name, clips, modes[name]) for name in args.modes.split(",") if name in modes]
+    ours = measure("quarry", clips, quarry)
+    print(HEADER)
+    for run in [*runs, ours]:
+        print(run.line(ours.wall_s))
+    print(f"quarry: CTranslate2 generate calls by batch size {dict(sorted(engine.generate_calls.items()))}, "
+          f"clips handed to the one-by-one path {dict(engine.passed_on) or 0} (warm-up included)")
+
+
+if __name__ == "__main__":
+    main()
