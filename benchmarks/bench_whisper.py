@@ -14,8 +14,9 @@ decoded before any timing; each mode is warmed on one clip first.
   silence cut out: not the same settings, so its WER may differ);
 * ``quarry``: ``WhisperEngine.transcribe`` over the clips, B requests per call, ``batch_size=B``.
 
-Wall seconds, RTFx (audio seconds per wall second), corpus WER (whisper_english normaliser,
-summed counts) and Quarry's wall over each mode's.
+Wall seconds, RTFx (audio seconds per wall second), CPU seconds of this process (all threads;
+steadier than wall time where other work shares the machine), corpus WER (whisper_english
+normaliser, summed counts), and Quarry's wall and CPU seconds over each mode's.
 """
 
 from __future__ import annotations
@@ -51,14 +52,15 @@ class ModeRun:
     label: str
     audio_s: float
     wall_s: float
+    cpu_s: float  # this process's CPU time, all threads: steadier than wall time on a shared machine
     wer: float
 
-    def line(self, quarry_wall_s: float) -> str:
-        return (f"{self.label:<22} {self.wall_s:>8.1f} {self.audio_s / self.wall_s:>7.1f} {self.wer:>7.4f} "
-                f"{quarry_wall_s / self.wall_s:>12.2f}")
+    def line(self, quarry: ModeRun) -> str:
+        return (f"{self.label:<22} {self.wall_s:>8.1f} {self.audio_s / self.wall_s:>7.1f} {self.cpu_s:>7.1f} "
+                f"{self.wer:>7.4f} {quarry.wall_s / self.wall_s:>12.2f} {quarry.cpu_s / self.cpu_s:>12.2f}")
 
 
-HEADER = f"{'mode':<22} {'wall s':>8} {'RTFx':>7} {'WER':>7} {'quarry/mode':>12}"
+HEADER = f"{'mode':<22} {'wall s':>8} {'RTFx':>7} {'CPU s':>7} {'WER':>7} {'quarry/mode':>12} {'(CPU s)':>12}"
 
 
 def load_clips(repeat: int, max_s: float = 30.0) -> list[Clip]:
@@ -82,10 +84,10 @@ def corpus_wer(clips: list[Clip], texts: list[str]) -> float:
 
 def measure(label: str, clips: list[Clip], transcribe: Callable[[list[Clip]], list[str]]) -> ModeRun:
     transcribe(clips[:1])  # warm-up: first-call allocations out of the timing
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     texts = transcribe(clips)
-    wall_s = time.perf_counter() - started
-    return ModeRun(label, sum(len(c.samples) for c in clips) / RATE, wall_s, corpus_wer(clips, texts))
+    wall_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    return ModeRun(label, sum(len(c.samples) for c in clips) / RATE, wall_s, cpu_s, corpus_wer(clips, texts))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     ours = measure("quarry", clips, quarry)
     print(HEADER)
     for run in [*runs, ours]:
-        print(run.line(ours.wall_s))
+        print(run.line(ours))
     print(f"quarry: CTranslate2 generate calls by batch size {dict(sorted(engine.generate_calls.items()))}, "
           f"clips handed to the one-by-one path {dict(engine.passed_on) or 0} (warm-up included)")
 

@@ -26,7 +26,7 @@ import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import Tokenizer
-from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
+from faster_whisper.transcribe import get_compression_ratio, get_ctranslate2_storage, get_suppressed_tokens
 
 # faster-whisper's decoding defaults, from the one place it states them.
 _DEFAULTS = {name: p.default for name, p in inspect.signature(WhisperModel.transcribe).parameters.items()}
@@ -64,8 +64,8 @@ class WindowBatcher:
         probable language token on the first 3000 feature frames (one detection segment, where the
         top language is the answer whatever its probability)."""
         nb = self._model.feature_extractor.nb_max_frames
-        features = np.stack([pad_or_trim(self._model.feature_extractor(c)[..., :nb]) for c in clips])
-        found = self._model.model.detect_language(self._model.encode(features))
+        encoded = self._encode([self._model.feature_extractor(c)[..., :nb] for c in clips])
+        found = self._model.model.detect_language(encoded)
         self.generate_calls[len(clips)] += 1
         return [ranked[0][0][2:-2] for ranked in found]
 
@@ -77,7 +77,7 @@ class WindowBatcher:
         tokenizer = Tokenizer(m.hf_tokenizer, m.model.is_multilingual, task=task, language=language)
         # A clip's features minus the frame of faster-whisper's 160-sample padding, as generate_segments cuts them.
         features = [m.feature_extractor(c)[..., :-1] for c in clips]
-        encoded = m.encode(np.stack([pad_or_trim(f) for f in features]))
+        encoded = self._encode(features)
         prompt = m.get_prompt(tokenizer, [], without_timestamps=without_timestamps, hotwords=hotwords)
         results = m.model.generate(
             encoded, [prompt] * len(clips),
@@ -89,6 +89,16 @@ class WindowBatcher:
         )
         self.generate_calls[len(clips)] += 1
         return [self._answer(tokenizer, r, f.shape[-1]) for r, f in zip(results, features, strict=True)]
+
+    def _encode(self, features: Sequence[np.ndarray]):
+        """The encoder output of a batch of clips, each padded to one 3000-frame window."""
+        windows = [pad_or_trim(f) for f in features]
+        if self._model.model.device != "cpu":
+            return self._model.encode(np.stack(windows))
+        # On CPU, clip by clip: a batch's attention matrices (heads x 1500 x 1500 floats per clip)
+        # outgrow the caches and cost more CPU time than the same clips one by one, with the same
+        # numbers (bit for bit on tiny.en); generate still takes the whole batch, where batching pays.
+        return get_ctranslate2_storage(np.concatenate([np.asarray(self._model.encode(w)) for w in windows]))
 
     def _answer(self, tokenizer: Tokenizer, result, content_frames: int) -> Decoded | None:
         d = _DEFAULTS
