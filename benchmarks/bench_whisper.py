@@ -2,7 +2,7 @@
 (``make bench-whisper``, or ``python -m benchmarks.bench_whisper --help``): a developer's benchmark.
 
 The same clips: the English eval clips of at most 30 s (``tests/data/eval``, 23 clips, 213 s),
-the list repeated ``--repeat`` times (6: about 21 minutes of audio). The same settings: tiny.en,
+the list repeated ``--repeat`` times (6: about 21 minutes of audio), the modes taking turns. The same settings: tiny.en,
 int8, beam 5, language en, text only, a CTranslate2 thread per core this process may use. Audio is
 decoded before any timing; each mode is warmed on one clip first.
 
@@ -63,15 +63,16 @@ class ModeRun:
 HEADER = f"{'mode':<22} {'wall s':>8} {'RTFx':>7} {'CPU s':>7} {'WER':>7} {'quarry/mode':>12} {'(CPU s)':>12}"
 
 
-def load_clips(repeat: int, max_s: float = 30.0) -> list[Clip]:
-    rows = [r for r in eval_rows(LANGUAGE) if r["duration_s"] <= max_s]
+def load_clips(max_s: float = 30.0) -> list[Clip]:
     clips = []
-    for r in rows:
+    for r in eval_rows(LANGUAGE):
+        if r["duration_s"] > max_s:
+            continue
         samples, rate = sf.read(EVAL_DIR / r["audio"], dtype="float32")
         if rate != RATE:
             raise ValueError(f"{r['audio']}: {rate} Hz, the eval clips are {RATE} Hz")
         clips.append(Clip(r["id"], samples, r["reference"]))
-    return [Clip(f"{c.id}#{k}", c.samples, c.reference) for k in range(repeat) for c in clips]
+    return clips
 
 
 def corpus_wer(clips: list[Clip], texts: list[str]) -> float:
@@ -82,12 +83,23 @@ def corpus_wer(clips: list[Clip], texts: list[str]) -> float:
     return tally.rate
 
 
-def measure(label: str, clips: list[Clip], transcribe: Callable[[list[Clip]], list[str]]) -> ModeRun:
-    transcribe(clips[:1])  # warm-up: first-call allocations out of the timing
-    started, cpu_started = time.perf_counter(), time.process_time()
-    texts = transcribe(clips)
-    wall_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
-    return ModeRun(label, sum(len(c.samples) for c in clips) / RATE, wall_s, cpu_s, corpus_wer(clips, texts))
+def measure(modes: dict[str, Callable[[list[Clip]], list[str]]], clips: list[Clip], repeat: int) -> list[ModeRun]:
+    """Each mode over the clip list ``repeat`` times, the modes taking turns round by round (the
+    order rotating) so that a load that comes and goes on a shared machine falls on all of them."""
+    for transcribe in modes.values():
+        transcribe(clips[:1])  # warm-up: first-call allocations out of the timing
+    names = list(modes)
+    wall = dict.fromkeys(names, 0.0)
+    cpu = dict.fromkeys(names, 0.0)
+    texts: dict[str, list[str]] = {n: [] for n in names}
+    for k in range(repeat):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            started, cpu_started = time.perf_counter(), time.process_time()
+            texts[name] += modes[name](clips)
+            wall[name] += time.perf_counter() - started
+            cpu[name] += time.process_time() - cpu_started
+    audio_s = repeat * sum(len(c.samples) for c in clips) / RATE
+    return [ModeRun(n, audio_s, wall[n], cpu[n], corpus_wer(clips * repeat, texts[n])) for n in names]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,11 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-    clips = load_clips(args.repeat)
+    clips = load_clips()
     threads = usable_cores()
     beam = options.beam_size
-    print(f"{len(clips)} clips ({args.repeat} x the English eval clips <= 30 s), "
-          f"{sum(len(c.samples) for c in clips) / RATE:.0f} s of audio; {MODEL}, {options.compute_type}, beam {beam}, "
+    print(f"{args.repeat} x {len(clips)} English eval clips <= 30 s, "
+          f"{args.repeat * sum(len(c.samples) for c in clips) / RATE:.0f} s of audio; {MODEL}, {options.compute_type}, beam {beam}, "
           f"text only, {threads} threads, B={args.batch_size}", flush=True)
     model = WhisperModel(resolve_model(MODEL), device="cpu", compute_type=options.compute_type, cpu_threads=threads)
     pipeline = BatchedInferencePipeline(model)
@@ -132,13 +144,13 @@ def main(argv: list[str] | None = None) -> None:
             texts += [r.text or "" for r in results]
         return texts
 
-    modes = {"sequential": sequential, "batched-pipeline": batched_pipeline(False),
-             "batched-pipeline+vad": batched_pipeline(True)}
-    runs = [measure(name, clips, modes[name]) for name in args.modes.split(",") if name in modes]
-    ours = measure("quarry", clips, quarry)
+    theirs = {"sequential": sequential, "batched-pipeline": batched_pipeline(False),
+              "batched-pipeline+vad": batched_pipeline(True)}
+    modes = {name: theirs[name] for name in args.modes.split(",") if name in theirs} | {"quarry": quarry}
+    runs = measure(modes, clips, args.repeat)
     print(HEADER)
-    for run in [*runs, ours]:
-        print(run.line(ours))
+    for run in runs:
+        print(run.line(runs[-1]))
     print(f"quarry: CTranslate2 generate calls by batch size {dict(sorted(engine.generate_calls.items()))}, "
           f"clips handed to the one-by-one path {dict(engine.passed_on) or 0} (warm-up included)")
 
