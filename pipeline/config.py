@@ -135,8 +135,8 @@ class WhisperOptions(_Section):
         "affinity). The threads are not a Ray reservation: with several replicas on one machine, set it.",
     )
     batch_size: int = Field(
-        16, ge=1, description="Clips of at most 30 s that share their decoding settings go through one CTranslate2 "
-        "encode + generate, this many at a time (at most engine.batch_size reach one engine call).",
+        16, ge=1, description="Clips of at most 30 s that share their decoding settings are decoded by one "
+        "CTranslate2 generate call, this many at a time (at most engine.batch_size reach one engine call).",
     )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     vad_filter: bool = False
