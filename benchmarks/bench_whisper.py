@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="repeat the clip list K times (6: about 21 min of audio; default 1, 213 s)")
     parser.add_argument("--batch-size", type=int, default=options.batch_size,
-                        help="B: BatchedInferencePipeline's batch_size, Quarry's whisper.batch_size and requests per call")
+                        help="B: BatchedInferencePipeline's batch_size, Quarry's whisper.batch_size and "
+                        "requests per engine call")
     parser.add_argument("--modes", default="sequential,batched-pipeline,batched-pipeline+vad,quarry",
                         help="comma-separated modes to run (quarry is the ratio's base and always runs)")
     args = parser.parse_args(argv)
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     threads = usable_cores()
     beam = options.beam_size
     print(f"{args.repeat} x {len(clips)} English eval clips <= 30 s, "
-          f"{args.repeat * sum(len(c.samples) for c in clips) / RATE:.0f} s of audio; {MODEL}, {options.compute_type}, beam {beam}, "
-          f"text only, {threads} threads, B={args.batch_size}", flush=True)
+          f"{args.repeat * sum(len(c.samples) for c in clips) / RATE:.0f} s of audio; {MODEL}, "
+          f"{options.compute_type}, beam {beam}, text only, {threads} threads, B={args.batch_size}", flush=True)
     model = WhisperModel(resolve_model(MODEL), device="cpu", compute_type=options.compute_type, cpu_threads=threads)
     pipeline = BatchedInferencePipeline(model)
 

@@ -84,7 +84,8 @@ class WindowBatcher:
             beam_size=self._beam_size, patience=d["patience"], length_penalty=d["length_penalty"],
             repetition_penalty=d["repetition_penalty"], no_repeat_ngram_size=d["no_repeat_ngram_size"],
             max_length=m.max_length, return_scores=True, return_no_speech_prob=True,
-            suppress_blank=d["suppress_blank"], suppress_tokens=get_suppressed_tokens(tokenizer, list(d["suppress_tokens"])),
+            suppress_blank=d["suppress_blank"],
+            suppress_tokens=get_suppressed_tokens(tokenizer, list(d["suppress_tokens"])),
             max_initial_timestamp_index=int(round(d["max_initial_timestamp"] / m.time_precision)),
         )
         self.generate_calls[len(clips)] += 1
