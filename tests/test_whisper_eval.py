@@ -69,7 +69,9 @@ def test_english_eval_clips_through_quarry_run_match_faster_whisper_alone(tmp_pa
     frame = frame.set_index("id")
     ours = {i: tuple(int(frame.loc[i, k]) for k in ("ref_words", "substitutions", "deletions", "insertions"))
             for i in frame.index}
-    # Clips within one segment are decoded exactly as faster-whisper alone decodes them: the same WER.
+    # Clips within one segment go through the engine in batches with faster-whisper's own first-window
+    # arithmetic: the same text as it alone gives (measured: the same WER), within 0.005 for a batched
+    # matrix product's rounding.
     short = [r["id"] for r in rows if r["duration_s"] <= load_config().segment.max_s]
     short_ours, short_alone = corpus_wer(ours[i] for i in short), corpus_wer(alone[i] for i in short)
     all_alone = corpus_wer(alone.values())

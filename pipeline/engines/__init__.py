@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def _whisper(cfg: EngineConfig, task: TaskConfig) -> Engine:
     from .whisper import WhisperEngine
 
-    return WhisperEngine(cfg.model, cfg.whisper, cpus=cfg.cpus_per_replica)
+    return WhisperEngine(cfg.model, cfg.whisper)
 
 
 def _vllm(cfg: EngineConfig, task: TaskConfig) -> Engine:

