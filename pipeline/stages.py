@@ -255,8 +255,8 @@ class InferenceStage:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="quarry-engine")
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        audio = sample_views(batch.column("samples"))  # views of the Arrow buffer: no copy of the audio
-        rows = batch.drop_columns(["samples"]).to_pylist()
+        audio = sample_views(batch.column(SAMPLES.names[0]))  # views of the Arrow buffer: no copy of the audio
+        rows = batch.drop_columns(list(SAMPLES.names)).to_pylist()
         for row, samples in zip(rows, audio, strict=True):
             row.update(null_row(*self.adds), samples=samples)
         todo = sorted((row for row in rows if row["status"] == OK), key=lambda r: -len(r["samples"]))

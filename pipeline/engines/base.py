@@ -90,6 +90,10 @@ class Engine(Protocol):
     Engines report per-request problems (unsupported language, clip too long) as results with a
     status; they raise only for failures of the engine itself (it died, ran out of memory), which
     the caller treats as fatal for the batch.
+
+    An engine whose model can serve several calls at once (vLLM's continuous batching) also has
+    ``async def transcribe_async(requests)``, with the same contract, awaited: the inference stage
+    then gives it every batch as it arrives instead of one batch at a time.
     """
 
     name: str
