@@ -1,6 +1,8 @@
 """The driver at scale, side by side in one run (``make bench-scale``, or
 ``python -m benchmarks.bench_scale --help``): jobs of N and 10 x N rows with the fake engine, each a
-real ``quarry run`` in a child process, and for each the driver's peak memory, its CPU seconds per
+real ``quarry run`` in a child process, and for each the driver's peak memory (resident, and
+private: the resident set counts the object-store pages the driver has read, shared memory that
+grows with the blocks it has seen, not memory it holds), its CPU seconds per
 output row and the rows per second the whole job reached.
 
 The driver's CPU is sampled every 0.1 s (so the last tenth of a second of shut-down may be missed),
@@ -34,7 +36,8 @@ from .jobs import run_sampled
 class ScaleRun:
     rows: int
     wall_s: float
-    driver_peak_mib: float
+    driver_peak_mib: float  # resident set: counts the object-store pages it has read (shared memory)
+    driver_private_mib: float  # unique set: the driver's own memory
     driver_cpu_s: float  # the whole driver process, start-up and imports included
     sink_cpu_s: float  # its main thread: the sink loop (and start-up before it)
     n_ok: int
@@ -48,28 +51,30 @@ class ScaleRun:
         return 1e6 * self.sink_cpu_s / self.rows
 
 
-HEADER = (f"{'rows':>9} {'wall s':>8} {'rows/s':>8} {'driver MiB':>11} {'process cpu s':>14} {'us/row':>8} "
+HEADER = (f"{'rows':>9} {'wall s':>8} {'rows/s':>8} {'driver MiB':>11} {'private MiB':>12} {'process cpu s':>14} {'us/row':>8} "
           f"{'main thread cpu s':>18} {'us/row':>8} {'ok':>9}")
 
 
 def _line(r: ScaleRun) -> str:
-    return (f"{r.rows:>9} {r.wall_s:>8.1f} {r.rows / r.wall_s:>8.0f} {r.driver_peak_mib:>11.0f} "
+    return (f"{r.rows:>9} {r.wall_s:>8.1f} {r.rows / r.wall_s:>8.0f} {r.driver_peak_mib:>11.0f} {r.driver_private_mib:>12.0f} "
             f"{r.driver_cpu_s:>14.2f} {r.cpu_us_per_row:>8.1f} {r.sink_cpu_s:>18.2f} {r.sink_us_per_row:>8.1f} "
             f"{r.n_ok:>9}")
 
 
 def measure(manifest: Path, out: Path, rows: int, sets: list[str]) -> ScaleRun:
-    seen = {"peak": 0.0, "cpu": 0.0, "main": 0.0}
+    seen = {"peak": 0.0, "private": 0.0, "cpu": 0.0, "main": 0.0}
 
     def sample(proc: psutil.Process) -> None:
-        seen["peak"] = max(seen["peak"], proc.memory_info().rss / 2**20)
+        memory = proc.memory_full_info()
+        seen["peak"] = max(seen["peak"], memory.rss / 2**20)
+        seen["private"] = max(seen["private"], memory.uss / 2**20)
         times = proc.cpu_times()
         seen["cpu"] = times.user + times.system
         seen["main"] = next((t.user_time + t.system_time for t in proc.threads() if t.id == proc.pid), seen["main"])
 
     wall = run_sampled(manifest, out, sets, sample, 0.1)
     summary = JobSummary.read(str(out))
-    return ScaleRun(summary.n_input, wall, seen["peak"], seen["cpu"], seen["main"], summary.n_ok)
+    return ScaleRun(summary.n_input, wall, seen["peak"], seen["private"], seen["cpu"], seen["main"], summary.n_ok)
 
 
 def run(rows: int, sets: list[str]) -> list[ScaleRun]:
@@ -105,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     small, large = run(args.rows, sets)
     marginal = 1e6 * (large.driver_cpu_s - small.driver_cpu_s) / (large.rows - small.rows)
     marginal_sink = 1e6 * (large.sink_cpu_s - small.sink_cpu_s) / (large.rows - small.rows)
-    print(f"driver peak memory, large / small: {large.driver_peak_mib / small.driver_peak_mib:.2f}")
+    print(f"driver peak memory, large / small: {large.driver_peak_mib / small.driver_peak_mib:.2f} resident, "
+          f"{large.driver_private_mib / small.driver_private_mib:.2f} private (without the object-store pages it read)")
     print(f"driver process cpu per row: {small.cpu_us_per_row:.1f} us (small), {large.cpu_us_per_row:.1f} us "
           f"(large), marginal {marginal:.1f} us")
     print(f"driver main thread (the sink) cpu per row: {small.sink_us_per_row:.1f} us (small), "
