@@ -209,8 +209,8 @@ class VllmEngine:
         self.last_prompts = prompts
         queued: list[tuple[int, Future]] = []
         for (i, req, prompt, budget), rendered in zip(admitted, self._render([a[1:3] for a in admitted]), strict=True):
-            if isinstance(rendered, Exception):
-                queued.append((i, _failed(rendered)))
+            if isinstance(rendered, Exception):  # refused by vLLM: this request's answer, at once
+                results[i] = self._result(req, rendered, prompt)
                 continue
             # logprobs=0: only the chosen token's log-probability, enough for avg_logprob.
             params = SamplingParams(temperature=self.options.temperature, max_tokens=budget, logprobs=0)
@@ -283,9 +283,3 @@ def _outcome(future: Future) -> Any:
         return future.result()
     except BaseException as e:  # noqa: BLE001 - handed to _finish, which sorts request from engine failures
         return e
-
-
-def _failed(error: BaseException) -> Future:
-    future: Future = Future()
-    future.set_exception(error)
-    return future

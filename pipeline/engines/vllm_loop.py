@@ -54,11 +54,6 @@ class EngineLoop:
         self._inbox.put((f"q{next(self._ids)}", engine_input, params, future))
         return future
 
-    @property
-    def in_flight(self) -> int:
-        """Requests added to the engine and not yet finished."""
-        return len(self._pending)
-
     def _add(self, request_id: str, engine_input: Any, params: Any, future: Future) -> None:
         if self._failure is not None:
             future.set_exception(self._failure)
