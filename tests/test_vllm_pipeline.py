@@ -3,12 +3,13 @@ build inside a Ray actor, real clips, per-row tasks and keywords from the manife
 
 Random weights give garbage text, so this proves mechanics end to end: every row comes out once,
 each row's own task and keywords reach the prompt vLLM ran for that row, different audio gives
-different text, identical audio gives identical text wherever it sits in the manifest, and rows the
-engine cannot serve carry a reason.
+different text, identical audio gives the same text wherever it sits in the manifest (as far as
+batch-variant arithmetic allows), and rows the engine cannot serve carry a reason.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -103,7 +104,16 @@ def test_outputs_belong_to_their_own_audio(job):
     _, out, _, _ = job
     ok = out[out["status"] == "ok"]
     assert ok["text"].str.len().gt(0).all() and ok["avg_logprob"].lt(0).all()
-    assert out.loc["en-plain", "text"] == out.loc["en-plain-again", "text"]  # same audio, same prompt
     distinct = ok.drop(index="en-plain-again")["text"]
     assert distinct.nunique() == len(distinct), distinct.to_dict()  # different audio, different text
+    # Same audio, same prompt: the same greedy text, as far as arithmetic lets it be. The engine loop
+    # batches requests from several calls together, and vLLM's CPU kernels are not batch-invariant,
+    # so a random model's near-tied logits may part ways late in a long output. The two copies must
+    # still agree for longer than any two outputs of different audio do: a row answered with another
+    # row's output would agree with that row instead.
+    again = out.loc["en-plain-again", "text"]
+    shared = lambda a, b: len(os.path.commonprefix([a, b]))  # noqa: E731
+    with_own = shared(again, out.loc["en-plain", "text"])
+    with_others = {i: shared(again, t) for i, t in distinct.drop(index="en-plain").items()}
+    assert with_own >= 32 and with_own > max(with_others.values()), (with_own, with_others)
     assert out.loc["en-plain", "wer"] is not None and out.loc["en-plain", "ref_words"] > 0

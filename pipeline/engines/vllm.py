@@ -207,7 +207,8 @@ class VllmEngine:
         for i, _, prompt, _ in admitted:
             prompts[i] = prompt
         self.last_prompts = prompts
-        queued: list[tuple[int, Future]] = []
+        rows: list[int] = []
+        work: list[tuple[Any, Any]] = []
         for (i, req, prompt, budget), rendered in zip(admitted, self._render([a[1:3] for a in admitted]), strict=True):
             if isinstance(rendered, Exception):  # refused by vLLM: this request's answer, at once
                 results[i] = self._result(req, rendered, prompt)
@@ -215,7 +216,10 @@ class VllmEngine:
             # logprobs=0: only the chosen token's log-probability, enough for avg_logprob.
             params = SamplingParams(temperature=self.options.temperature, max_tokens=budget, logprobs=0)
             params.output_kind = RequestOutputKind.FINAL_ONLY
-            queued.append((i, self._loop.submit(rendered, params)))
+            rows.append(i)
+            work.append((rendered, params))
+        # one call's requests join the running batch on the same step
+        queued = list(zip(rows, self._loop.submit_all(work), strict=True))
         return requests, prompts, results, queued
 
     def _render(self, todo: list[tuple[EngineRequest, str]]) -> list[Any]:

@@ -36,7 +36,7 @@ class EngineLoop:
     def __init__(self, engine: Any, on_start: Callable[[], None] | None = None):
         self._engine = engine
         self._on_start = on_start  # run first on the loop's thread (per-thread settings: OpenMP threads)
-        self._inbox: queue.SimpleQueue[tuple[str, Any, Any, Future]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[list[tuple[str, Any, Any, Future]]] = queue.SimpleQueue()
         self._pending: dict[str, Future] = {}
         self._ids = itertools.count()
         self._failure: BaseException | None = None
@@ -47,12 +47,22 @@ class EngineLoop:
 
     def submit(self, engine_input: Any, params: Any) -> Future:
         """Queue one rendered prompt (``EngineInput``) with its ``SamplingParams``; returns at once."""
-        future: Future = Future()
+        return self.submit_all([(engine_input, params)])[0]
+
+    def submit_all(self, work: list[tuple[Any, Any]]) -> list[Future]:
+        """Queue several (rendered prompt, ``SamplingParams``) as one: they join the same step."""
+        futures = [Future() for _ in work]
         if self._failure is not None:
-            future.set_exception(self._failure)
-            return future
-        self._inbox.put((f"q{next(self._ids)}", engine_input, params, future))
-        return future
+            for future in futures:
+                future.set_exception(self._failure)
+            return futures
+        self._inbox.put([(f"q{next(self._ids)}", inp, params, future)
+                         for (inp, params), future in zip(work, futures, strict=True)])
+        return futures
+
+    def _add_all(self, work: list[tuple[str, Any, Any, Future]]) -> None:
+        for item in work:
+            self._add(*item)
 
     def _add(self, request_id: str, engine_input: Any, params: Any, future: Future) -> None:
         if self._failure is not None:
@@ -71,10 +81,10 @@ class EngineLoop:
             self._on_start()
         while True:
             if not self._pending:
-                self._add(*self._inbox.get())  # idle: sleep until work arrives
+                self._add_all(self._inbox.get())  # idle: sleep until work arrives
             while True:  # everything that arrived while the last step ran joins the next one
                 try:
-                    self._add(*self._inbox.get_nowait())
+                    self._add_all(self._inbox.get_nowait())
                 except queue.Empty:
                     break
             if not self._pending:
