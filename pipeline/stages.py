@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .audio import AudioError, load_audio
+from .audio import AudioError, downmix, load_audio
 from .config import AudioConfig, DiarizeConfig, EngineConfig, RedactConfig, ScoringConfig, SegmentConfig, TaskConfig
 from .diarize.turns import as_regions, clip, main_speaker, speaker_columns
 from .engines import EngineRequest, EngineResult, is_engine_dead, load_engine
@@ -122,7 +122,7 @@ class DecodeStage:
         row.update(duration_s=decoded.duration_s, source_sample_rate=decoded.source_sample_rate,
                    source_channels=decoded.source_channels)
         try:
-            regions = self._analyse(row, decoded.samples.mean(axis=1) if split else decoded.samples)
+            regions = self._analyse(row, downmix(decoded.samples) if split else decoded.samples)
         except CannotRun:
             raise  # a model that cannot load fails the job, as an engine that cannot does
         except Exception as e:  # noqa: BLE001 - a failure on this recording is this row's (one row, as a decode failure)

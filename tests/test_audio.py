@@ -84,6 +84,12 @@ def test_stereo_downmixes_to_the_mean_of_its_channels():
     np.testing.assert_allclose(decoded.samples, (left + right) / 2, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3, 6])
+def test_downmix_gives_exactly_numpys_mean(channels):
+    block = np.random.default_rng(channels).standard_normal((4_097, channels)).astype(np.float32)
+    assert np.array_equal(audio.downmix(block), block.mean(axis=1, dtype=np.float32))
+
+
 def test_integer_pcm_is_scaled_to_unit_range():
     full_scale = np.tile(np.array([32767, -32768], dtype=np.int16), 800)
     decoded = decode_audio(wav_bytes(full_scale, 16_000))
