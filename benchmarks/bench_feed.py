@@ -11,7 +11,10 @@ nothing (engine ``fake``), against a plain single-core loop doing the same work 
   stage): the audio of the rows finished after the first batch, over the time from the first
   batch's finish to the last one's.
 * **per-core efficiency**: pipeline steady RTFx / (cores x raw RTFx); 1.0 would mean every core
-  decodes as fast as the plain loop.
+  decodes as fast as the plain loop. Printed beside it, what bounds it on the machine at hand: the
+  raw loop run on every core at once (cores share caches and memory bandwidth), and the raw loop
+  with the pipeline's segmentation added (VAD over recordings longer than ``segment.max_s``, work
+  the plain loop does not do).
 * **rows per second**: a job over many 1-second clips (one row each): the per-row cost of the
   pipeline (whole job, start-up included, and steady).
 
@@ -106,19 +109,50 @@ def short_corpus(rows: int) -> Path:
     return manifest
 
 
-def raw_loop(manifest: Path, quality: str = "HQ") -> tuple[float, float]:
-    """(audio seconds, wall seconds) of the plain loop over the manifest's files, on one core."""
-    folder = manifest.parent
-    names = [json.loads(line)["audio"] for line in manifest.read_text().splitlines() if line.strip()]
+def _names(manifest: Path) -> list[str]:
+    return [json.loads(line)["audio"] for line in manifest.read_text().splitlines() if line.strip()]
+
+
+def _loop(folder: Path, names: list[str], quality: str = "HQ", segment: bool = False) -> float:
+    """The plain loop over ``names``; the seconds of audio it decoded. With ``segment``, each
+    recording is also cut as the pipeline cuts it by default (``plan_segments`` with the default
+    ``segment`` settings: VAD over those longer than ``max_s``)."""
+    from pipeline.config import SegmentConfig
+    from pipeline.segment import plan_segments
+
+    cut = SegmentConfig()
+
     audio_s = 0.0
-    started = time.perf_counter()
     for name in names:
         data = (folder / name).read_bytes()
         x, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
         mono = downmix(x)  # the pipeline's own downmix: the loop is as fast as it can be
         out = soxr.resample(mono, rate, RATE, quality=quality) if rate != RATE else mono
+        if segment:
+            plan_segments(out, max_s=cut.max_s, min_s=cut.min_s, overlap_s=cut.overlap_s, vad=cut.vad)
         audio_s += len(out) / RATE
+    return audio_s
+
+
+def raw_loop(manifest: Path, quality: str = "HQ", segment: bool = False) -> tuple[float, float]:
+    """(audio seconds, wall seconds) of the plain loop over the manifest's files, on one core."""
+    started = time.perf_counter()
+    audio_s = _loop(manifest.parent, _names(manifest), quality, segment)
     return audio_s, time.perf_counter() - started
+
+
+def raw_parallel(manifest: Path, processes: int) -> float:
+    """RTFx of the plain loop run in ``processes`` processes at once, each over its share of the
+    files: what this machine's cores give together (they share caches and memory bandwidth)."""
+    import multiprocessing
+
+    names = _names(manifest)
+    shares = [names[k::processes] for k in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.starmap(_loop, [(manifest.parent, share[:2]) for share in shares])  # imports, warm caches
+        started = time.perf_counter()
+        audio_s = sum(pool.starmap(_loop, [(manifest.parent, share) for share in shares]))
+        return audio_s / (time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -194,6 +228,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pipeline start-up: {_phases(feed)}")
     print(f"per-core efficiency (steady): {steady:.0f} / ({cores} x {raw_rtfx:.0f}) = {steady / (cores * raw_rtfx):.2f}")
     print(f"per-core efficiency (whole job): {feed.audio_s / feed.process_wall_s / (cores * raw_rtfx):.2f}")
+    # What bounds that figure on this machine, measured here too: the raw loop on every core at
+    # once (cores share caches and memory bandwidth), and the work the pipeline does that the raw
+    # loop does not (segmentation: VAD over the recordings longer than segment.max_s).
+    parallel = raw_parallel(manifest, cores)
+    seg_audio, seg_wall = raw_loop(manifest, segment=True)
+    print(f"raw loop on {cores} cores at once: RTFx {parallel:.0f} = {parallel / raw_rtfx:.2f} x one core; "
+          f"pipeline steady / that: {steady / parallel:.2f}")
+    print(f"raw loop with the pipeline's segmentation (1 core): RTFx {seg_audio / seg_wall:.0f} "
+          f"({raw_rtfx / (seg_audio / seg_wall):.2f} x the raw loop's time)")
     print(f"rows per second (1-second clips): {rows.n_ok}/{rows.rows} ok; whole job {rows.process_wall_s:.1f} s -> "
           f"{rows.rows / rows.process_wall_s:.0f} rows/s; run_job {rows.job_wall_s:.1f} s -> "
           f"{rows.rows / rows.job_wall_s:.0f} rows/s; steady {rows.steady_s:.1f} s -> {rows.steady_rows / rows.steady_s:.0f} rows/s")
