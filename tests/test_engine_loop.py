@@ -1,11 +1,13 @@
 """The engine loop's own logic, without Ray: several batches in one inference stage at once, the
-model thread that serialises engines which cannot share, and the busy clock (pipeline/meter.py).
-The fake engine stands in for the model; what these check is the stage's scheduling."""
+model thread that serialises engines which cannot share, the busy clock (pipeline/meter.py), and
+the thread that steps vLLM (engines/vllm_loop.py) over a stand-in for vLLM's engine core. The fake
+engine stands in for the model; what these check is the scheduling. (Real vLLM: test_vllm_engine.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -133,3 +135,59 @@ def test_sample_views_read_the_arrow_buffer_in_place_and_keep_nulls_empty():
     views = sample_views(sliced)
     assert [v.tolist() for v in views] == [[], [0.0, 1.0, 2.0, 3.0, 4.0], []]
     assert not views[1].flags.owndata  # a view, not a copy
+
+
+class StepCore:
+    """vLLM's ``LLMEngine`` as the engine loop uses it (``add_request``, ``step``), without a model:
+    a request's input is how many steps it runs; "bad" is refused when added, as vLLM refuses an
+    invalid prompt. Records the requests each step held."""
+
+    def __init__(self, fail_on_step: int | None = None):
+        self.live: dict[str, int] = {}
+        self.steps: list[list[str]] = []
+        self.fail_on_step = fail_on_step
+
+    def add_request(self, request_id, steps, params):
+        if steps == "bad":
+            raise ValueError("prompt refused")
+        self.live[request_id] = steps
+
+    def step(self):
+        self.steps.append(sorted(self.live))
+        if len(self.steps) == self.fail_on_step:
+            raise RuntimeError("device lost")
+        outputs = []
+        for rid in list(self.live):
+            self.live[rid] -= 1
+            outputs.append(SimpleNamespace(request_id=rid, finished=self.live[rid] == 0))
+            if self.live[rid] == 0:
+                del self.live[rid]
+        return outputs
+
+
+def test_engine_loop_runs_one_calls_requests_together_and_refuses_only_the_bad_one():
+    from pipeline.engines.vllm_loop import EngineLoop
+
+    core = StepCore()
+    loop = EngineLoop(core)
+    long_, bad, short = loop.submit([(3, None), ("bad", None), (1, None)])
+    assert isinstance(bad.exception(timeout=5), ValueError)
+    first, last = short.result(timeout=5), long_.result(timeout=5)
+    assert first.request_id != last.request_id
+    assert core.steps[0] == sorted([first.request_id, last.request_id])  # both in the first step
+    assert core.steps[1:] == [[last.request_id]] * 2
+    assert loop.peak_in_flight == 2
+
+
+def test_engine_loop_fails_every_request_it_holds_and_every_later_one_when_a_step_fails():
+    from pipeline.engines.base import EngineDead
+    from pipeline.engines.vllm_loop import EngineLoop
+
+    loop = EngineLoop(StepCore(fail_on_step=2))
+    held = loop.submit([(5, None), (1, None), (5, None)])
+    assert held[1].result(timeout=5).finished  # done on the first step, before the failure
+    for future in (held[0], held[2]):
+        error = future.exception(timeout=5)
+        assert isinstance(error, EngineDead) and "device lost" in str(error)
+    later = loop.submit([(1, None)])[0]
+    assert isinstance(later.exception(timeout=5), EngineDead)

@@ -219,7 +219,7 @@ class VllmEngine:
             rows.append(i)
             work.append((rendered, params))
         # one call's requests join the running batch on the same step
-        queued = list(zip(rows, self._loop.submit_all(work), strict=True))
+        queued = list(zip(rows, self._loop.submit(work), strict=True))
         return requests, prompts, results, queued
 
     def _render(self, todo: list[tuple[EngineRequest, str]]) -> list[Any]:

@@ -45,13 +45,12 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="quarry-vllm-loop", daemon=True)
         self._thread.start()
 
-    def submit(self, engine_input: Any, params: Any) -> Future:
-        """Queue one rendered prompt (``EngineInput``) with its ``SamplingParams``; returns at once."""
-        return self.submit_all([(engine_input, params)])[0]
-
-    def submit_all(self, work: list[tuple[Any, Any]]) -> list[Future]:
-        """Queue several (rendered prompt, ``SamplingParams``) as one: they join the same step."""
+    def submit(self, work: list[tuple[Any, Any]]) -> list[Future]:
+        """Queue rendered prompts (``EngineInput``) with their ``SamplingParams``, all joining the
+        same step; returns one future per prompt at once."""
         futures = [Future() for _ in work]
+        if not work:
+            return futures
         if self._failure is not None:
             for future in futures:
                 future.set_exception(self._failure)
