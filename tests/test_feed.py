@@ -26,7 +26,8 @@ PHASES = ("manifest", "output", "ray", "plan", "actor start", "model load", "fir
 
 
 def plain_decode(path) -> np.ndarray:
-    """The benchmark's raw loop (benchmarks/bench_feed.py): libsndfile, downmix, soxr HQ to 16 kHz."""
+    """A plain decode (the work of benchmarks/bench_feed.py's raw loop), written independently of
+    the pipeline: libsndfile, numpy's mean over the channels, soxr HQ to 16 kHz."""
     x, rate = sf.read(io.BytesIO(path.read_bytes()), dtype="float32", always_2d=True)
     mono = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
     return soxr.resample(mono, rate, SAMPLE_RATE_HZ, quality="HQ") if rate != SAMPLE_RATE_HZ else mono

@@ -80,8 +80,13 @@ def test_a_clip_fits_one_batch_window_up_to_exactly_30_seconds(tiny_batcher):
 
 
 def test_cpu_threads_zero_means_every_core_this_process_may_use():
-    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert machine_threads() == expected
+    cores = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(cores)})  # a process held to one core (a cgroup, taskset)
+        assert machine_threads() == 1
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert machine_threads() == len(cores)
     assert WhisperOptions().cpu_threads == 0
     with pytest.raises(ValueError):
         WhisperOptions(batch_size=0)

@@ -175,8 +175,7 @@ class WhisperEngine:
         groups: dict[Decoding, list[int]] = defaultdict(list)
         for i in batchable:
             req = requests[i]
-            hotwords = ", ".join(req.keywords) if req.keywords else None
-            groups[Decoding(languages[i], req.task, hotwords, self._without_timestamps(req))].append(i)
+            groups[Decoding(languages[i], req.task, _hotwords(req), self._without_timestamps(req))].append(i)
         for decoding, members in groups.items():
             # Clips of like length decode to like lengths: fewer finished beams idle in a batch.
             for chunk in self._chunks(sorted(members, key=lambda i: len(requests[i].samples))):
@@ -199,7 +198,7 @@ class WhisperEngine:
             beam_size=self.options.beam_size,
             without_timestamps=self._without_timestamps(req),
             vad_filter=self.options.vad_filter,
-            hotwords=", ".join(req.keywords) if req.keywords else None,
+            hotwords=_hotwords(req),
             word_timestamps=req.words,
         )
         segments = list(segments)
@@ -208,3 +207,8 @@ class WhisperEngine:
         words = (tuple(Word(w.word.strip(), float(w.start), float(w.end), float(w.probability))
                        for s in segments for w in (s.words or ()) if w.word.strip()) if req.words else None)
         return EngineResult(text, language=info.language, avg_logprob=logprob, words=words)
+
+
+def _hotwords(req: EngineRequest) -> str | None:
+    """The row's keywords as faster-whisper's ``hotwords`` prompt."""
+    return ", ".join(req.keywords) if req.keywords else None
