@@ -25,7 +25,7 @@ import json
 import os
 import posixpath
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -144,6 +144,12 @@ class Manifest:
             raise
         except Exception as e:  # noqa: BLE001 - any storage failure here means "cannot run"
             raise ManifestError(f"cannot read manifest {redact_text(uri)}: {redact_text(str(e))}") from e
+
+    def for_workers(self) -> "Manifest":
+        """This manifest without its index of runs (line offsets, row-group sizes): what a read
+        task or a stage needs to read and parse its own run. Every read task carries the manifest
+        it reads, and the index grows with the file (50 KB at 100,000 lines)."""
+        return replace(self, offsets=None, row_groups=())
 
     @property
     def other_columns(self) -> str | None:

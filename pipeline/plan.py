@@ -1,7 +1,7 @@
 """The Ray Data graph: the only module that knows Ray exists.
 
 manifest read (Ray's readers, in tasks) -> PrepareStage -> DecodeStage (CPU tasks: decode, resample, cut long audio into
-segments) -> InferenceStage (actor pool, one model replica per actor) -> ScoreStage -> streamed to
+segments) -> InferenceStage (actor pool, one model replica per actor; it runs ScoreStage on its rows) -> streamed to
 the driver: Assembler (segments back into recordings) -> TranscriptWriter -> summary.json.
 """
 
@@ -28,13 +28,13 @@ from .meter import EngineFigures, EngineMeter, busy_fraction
 from .output import TranscriptWriter, tally_output
 from .records import transcript_schema
 from .scrub import redact_uri
-from .stages import DecodeStage, InferenceStage, RedactStage, ScoreStage
+from .stages import DecodeStage, InferenceStage, RedactStage
 from .storage import is_process_local, join_uri, url_to_fs
 from .summary import JobSummary, JobTally, RunFigures
 
 log = logging.getLogger("quarry")
 
-# Light stages (the manifest read, scoring, redaction) reserve no CPU: a reservation they barely use
+# Light stages (the manifest read, redaction) reserve no CPU: a reservation they barely use
 # would idle the core a decode task could have, and on a small machine an actor pool that takes
 # every CPU would leave them pending forever. Their concurrency is capped instead (one task each
 # per LIGHT_TASKS_PER_CORE cores), so they never flood the node with worker processes.
@@ -185,8 +185,10 @@ def _manifest_source(manifest: Manifest, rows_per_block: int):
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
+    slim = manifest.for_workers()
+
     def reader(rng):
-        return lambda: manifest.read(rng, rows_per_block)
+        return lambda: slim.read(rng, rows_per_block)
 
     class Source(Datasource):
         def estimate_inmemory_data_size(self) -> int | None:
@@ -245,7 +247,7 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
     per_decode = decode_cpus(cfg, replicas, cpus)
     ds = read_manifest(manifest, cfg, per_decode)
     ds = ds.map_batches(
-        PrepareStage(manifest, cfg.input.columns, cfg.task, committed),
+        PrepareStage(manifest.for_workers(), cfg.input.columns, cfg.task, committed),
         batch_format="pyarrow", batch_size=None, num_cpus=per_decode,
     )
     ds = ds.map_batches(
@@ -258,15 +260,11 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
     ds = ds.map_batches(
         InferenceStage,
         fn_constructor_kwargs={"engine": e, "extras": extras, "task": cfg.task, "words": cfg.word_times,
-                               "report": report},
+                               "report": report, "scoring": cfg.scoring},
         compute=ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=e.max_batches_in_flight),
         batch_format="pyarrow", batch_size=e.batch_size,
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
         max_concurrency=e.max_batches_in_flight, max_restarts=e.max_restarts, max_task_retries=-1,
-    )
-    ds = ds.map_batches(
-        ScoreStage(cfg.scoring, extras), batch_format="pyarrow", batch_size=e.batch_size, num_cpus=LIGHT_STAGE_CPUS,
-        concurrency=light,
     )
     if cfg.redact.enabled:  # recordings whole in one row; stitched ones on the driver (assemble.py)
         ds = ds.map_batches(RedactStage(cfg.redact, extras), batch_format="pyarrow", batch_size=e.batch_size,

@@ -218,7 +218,9 @@ def samples_column(pieces: list[np.ndarray | None]) -> pa.Array:
 
 class InferenceStage:
     """Runs the engine (one replica per actor). Reads ``samples`` (and drops them), adds the
-    transcript and who made it.
+    transcript and who made it, then scores the rows (:class:`ScoreStage`, in this actor, on the
+    rows it has just built): a stage of its own would cost the driver a task and a block to
+    schedule per batch, about a quarter of its CPU per row, for work this light.
 
     Asynchronous, so that the model never waits for the pipeline: Ray Data hands an actor several
     batches at once (``engine.max_batches_in_flight``) and each is awaited here while the next are
@@ -239,14 +241,14 @@ class InferenceStage:
 
     def __init__(self, engine: EngineConfig, extras: list[pa.Field] | tuple[pa.Field, ...],
                  task: TaskConfig | None = None, words: bool = False,
-                 report: Callable[[EngineFigures], None] | None = None):
+                 report: Callable[[EngineFigures], None] | None = None, scoring: ScoringConfig | None = None):
         began = time.time()
         self.engine = load_engine(engine, task)  # once per actor, never per batch
         # One call on a second of silence: first-call costs (allocations, kernel selection) are
         # start-up, paid before the first batch arrives.
         self.engine.transcribe([EngineRequest(id="warm-up", samples=np.zeros(SAMPLE_RATE_HZ, np.float32))])
         self.words = words  # ask the engine for word timestamps (output.words, or diarize)
-        self.schema = schema_of(INFERRED_ROW, extras)
+        self.score = ScoreStage(scoring or ScoringConfig(), extras)
         self.clock = BusyClock(began, time.time())
         self._report = report
         self._reported_at = 0.0
@@ -297,7 +299,8 @@ class InferenceStage:
         for row in rows:
             row.pop("samples", None)
             row["engine"], row["model"] = self.engine.name, self.engine.model
-        return pa.Table.from_pylist(rows, schema=self.schema)
+        self.score(rows)
+        return pa.Table.from_pylist(rows, schema=self.score.schema)
 
     async def _metered(self, requests: list[EngineRequest]) -> list[EngineResult]:
         self.clock.start(len(requests))
@@ -354,6 +357,9 @@ class ScoreStage:
 
     Diarized rows (``speaker_regions`` set) get their words' speakers here, and a whole recording
     its ``speakers`` and ``speaker_turns`` (a stitched one gets them on the driver).
+
+    Works on row dicts in place: :class:`InferenceStage` calls it on the rows it is about to
+    return, so the rows are converted to Arrow once.
     """
 
     reads: ClassVar[tuple[ColumnGroup, ...]] = INFERRED_ROW
@@ -363,8 +369,8 @@ class ScoreStage:
         self.scoring = scoring
         self.schema = scored_schema(extras)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+    def __call__(self, rows: list[dict[str, Any]]) -> None:
+        """Score and shape ``rows`` (dicts of :data:`INFERRED_ROW`) in place."""
         for row in rows:
             for name in KEYWORDS.names:
                 row.pop(name, None)
@@ -376,7 +382,6 @@ class ScoreStage:
                 speakers, turns, row["words"] = speaker_columns(as_regions(row["speaker_regions"]), row["words"])
                 if whole and row["status"] == OK:
                     row["speakers"], row["speaker_turns"] = speakers, turns
-        return pa.Table.from_pylist(rows, schema=self.schema)
 
 
 class RedactStage:

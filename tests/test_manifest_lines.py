@@ -120,3 +120,19 @@ def test_keywords_reach_every_engine_cleaned_and_bounded(tmp_path):
     manifest = Manifest.open(str(path), cfg)
     (row,) = _prepared(manifest, cfg, manifest.batches())
     assert row["keywords"] == ["Quarry", "b Quarry", "Ray"]
+
+
+def test_a_read_task_carries_its_run_not_the_manifests_index(tmp_path):
+    """Every read task carries the manifest it reads: without the index of line offsets (which
+    grows with the file), so a million-line manifest does not cost its index once per task."""
+    import cloudpickle
+
+    from pipeline.plan import _manifest_source
+
+    path = _write(tmp_path, [json.dumps({"id": str(i), "audio": f"{i}.wav"}).encode() for i in range(40_000)])
+    manifest = Manifest.open(str(path), _cfg())
+    tasks = _manifest_source(manifest, 1000).get_read_tasks(40)
+    sizes = [len(cloudpickle.dumps(t)) for t in tasks]
+    assert len(tasks) == 40 and max(sizes) < manifest.offsets.nbytes / 2, (sizes, manifest.offsets.nbytes)
+    positions = [p for t in tasks for table in t() for p in table.column("row_index").to_pylist()]
+    assert positions == list(range(40_000))
