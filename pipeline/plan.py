@@ -41,6 +41,12 @@ log = logging.getLogger("quarry")
 LIGHT_STAGE_CPUS = 0.0
 LIGHT_TASKS_PER_CORE = 0.5
 MAX_READ_BLOCKS = 4096
+# The driver's CPU goes per block, not per row (Ray Data schedules each task, tracks each block and
+# hands each to the sink), so a large job reads in blocks larger than an engine batch: as long as
+# every decode slot still gets BLOCKS_PER_DECODE_SLOT blocks (to balance the slots and stream
+# results early), up to MAX_ROWS_PER_BLOCK rows.
+BLOCKS_PER_DECODE_SLOT = 16
+MAX_ROWS_PER_BLOCK = 2048
 
 
 @dataclass(frozen=True)
@@ -152,12 +158,29 @@ def decode_cpus(cfg: JobConfig, replicas: int, cpus: float) -> float:
     return 1.0 if free >= 1 else max(free, 0.25)
 
 
-def read_manifest(manifest: Manifest, cfg: JobConfig, cpus: float = LIGHT_STAGE_CPUS):
+def rows_per_block(batch_size: int, n_rows: int, decode_slots: int) -> int:
+    """Rows a read block holds: what one decode task works through, and (for clips short enough
+    that a block stays under Ray Data's block size) what one inference task and the driver get as
+    one unit. At least an engine batch and ``n_rows / MAX_READ_BLOCKS``; more for a large job, up
+    to ``MAX_ROWS_PER_BLOCK``, while each of the ``decode_slots`` still gets
+    ``BLOCKS_PER_DECODE_SLOT`` blocks."""
+    even = n_rows // (BLOCKS_PER_DECODE_SLOT * max(1, decode_slots))
+    return max(batch_size, min(MAX_ROWS_PER_BLOCK, even), -(-n_rows // MAX_READ_BLOCKS))
+
+
+def tasks_in_flight(e: EngineConfig, block_rows: int) -> int:
+    """Ray Data tasks each replica holds at once. A task brings a block of ``block_rows`` rows and
+    runs its engine batches a few at a time, so ``engine.max_batches_in_flight`` batches of
+    ``engine.batch_size`` rows take fewer tasks when blocks are larger than a batch; never fewer
+    than two, so that the next task is already there when one finishes."""
+    return max(2, -(-e.max_batches_in_flight * e.batch_size // block_rows))
+
+
+def read_manifest(manifest: Manifest, block_rows: int, cpus: float = LIGHT_STAGE_CPUS):
     """A Ray Dataset of the manifest's raw rows, read in Ray tasks of ``cpus`` CPUs through the
     manifest's own reader (:meth:`Manifest.read`, so every row carries its position), streamed in
-    blocks of about one engine batch: a block is what one decode task works through and what
-    moves on downstream as one unit, so blocks of about a batch keep decode parallel and results
-    streaming to the driver.
+    blocks of ``block_rows`` rows (:func:`rows_per_block`): a block is what one decode task works
+    through and what moves on downstream as one unit.
 
     Where the manifest splits into runs of about a block each (a plain JSONL file: every 16th line's
     offset is known), each read task reads one run, and reserving what a decode task does lets Ray
@@ -165,16 +188,15 @@ def read_manifest(manifest: Manifest, cfg: JobConfig, cpus: float = LIGHT_STAGE_
     compressed, Parquet with few row groups) Ray splits the readers' output into blocks."""
     import ray.data
 
-    rows_per_block = max(cfg.engine.batch_size, -(-manifest.n_rows // MAX_READ_BLOCKS))
     fs, _ = url_to_fs(manifest.uri, manifest.storage_options)
     if is_process_local(fs):
         # memory:// lives in this process only; workers cannot see it. The table is already in
         # this process's memory, so handing it to Ray costs nothing extra.
-        tables = list(manifest.batches(rows_per_block))
+        tables = list(manifest.batches(block_rows))
         return ray.data.from_arrow(tables) if tables else ray.data.from_items([])
-    blocks = max(1, min(MAX_READ_BLOCKS, -(-manifest.n_rows // rows_per_block)))
+    blocks = max(1, min(MAX_READ_BLOCKS, -(-manifest.n_rows // block_rows)))
     runs = len(manifest.ranges(blocks))
-    return ray.data.read_datasource(_manifest_source(manifest, rows_per_block), num_cpus=cpus,
+    return ray.data.read_datasource(_manifest_source(manifest, block_rows), num_cpus=cpus,
                                     override_num_blocks=runs if 2 * runs >= blocks else blocks)
 
 
@@ -245,7 +267,9 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
     # Read, prepare and decode reserve the same CPUs, so Ray Data fuses them into one task (no
     # worker process or object-store hop between them); so do score and redact.
     per_decode = decode_cpus(cfg, replicas, cpus)
-    ds = read_manifest(manifest, cfg, per_decode)
+    block_rows = rows_per_block(e.batch_size, manifest.n_rows,
+                                int(max(0.0, cpus - replicas * e.cpus_per_replica) // per_decode))
+    ds = read_manifest(manifest, block_rows, per_decode)
     ds = ds.map_batches(
         PrepareStage(manifest.for_workers(), cfg.input.columns, cfg.task, committed),
         batch_format="pyarrow", batch_size=None, num_cpus=per_decode,
@@ -255,13 +279,13 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
         batch_format="pyarrow", batch_size=None, num_cpus=per_decode,  # a block each (a batch size stops fusion)
     )
     report = functools.partial(_report, meter) if meter is not None else None
-    # max_batches_in_flight tasks at once per actor (max_concurrency: its threads), each awaited by
+    # Several tasks at once per actor (max_concurrency: its threads), their batches each awaited by
     # the asynchronous InferenceStage, as ray.data.llm does for vLLM.
     ds = ds.map_batches(
         InferenceStage,
         fn_constructor_kwargs={"engine": e, "extras": extras, "task": cfg.task, "words": cfg.word_times,
                                "report": report, "scoring": cfg.scoring},
-        compute=ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=e.max_batches_in_flight),
+        compute=ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=tasks_in_flight(e, block_rows)),
         batch_format="pyarrow", batch_size=e.batch_size,
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
         max_concurrency=e.max_batches_in_flight, max_restarts=e.max_restarts, max_task_retries=-1,

@@ -62,7 +62,7 @@ def test_both_jsonl_readers_give_the_same_rows_for_every_odd_line(ray_session, t
     cfg = _cfg()
     manifest = Manifest.open(str(_write(tmp_path, name=name)), cfg)
     local = _prepared(manifest, cfg, manifest.batches())
-    ds = read_manifest(manifest, cfg)
+    ds = read_manifest(manifest, cfg.engine.batch_size)
     through_ray = _prepared(manifest, cfg, list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
     assert _by_line(local) == _by_line(through_ray)
     rows = {r["id"]: r for r in local}
