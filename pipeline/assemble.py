@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from .config import RedactConfig, ScoringConfig
 from .diarize.turns import as_regions, speaker_columns
-from .records import OK, SAMPLE_RATE_HZ, SCORE, SEGMENT, SEGMENT_TABLE_SCHEMA, Status
+from .records import OK, SAMPLE_RATE_HZ, SCORE, SEGMENT, SEGMENT_TABLE_SCHEMA, Status, conform, keep
 from .scoring import score_row
 from .segment import Segment
 from .stitch import conversation, speaking_stats, stitch
@@ -111,10 +111,10 @@ class Assembler:
     def add(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
         whole = pc.and_(pc.and_(pc.equal(batch["n_channels"], 1), pc.equal(batch["n_segments"], 1)),
                         pc.is_null(batch["channel"]))
-        recordings, segments = self._pass_through(batch.filter(whole))
+        recordings, segments = self._pass_through(keep(batch, whole))
         finished: list[dict] = []
         finished_segments: list[dict] = []
-        for row in batch.filter(pc.invert(whole)).to_pylist():
+        for row in keep(batch, pc.invert(whole)).to_pylist():
             key = row["row_index"]  # a re-run decode task repeats the same rows: they land on the same entry
             entry = self._pending.setdefault(key, _Pending(row, row["n_channels"]))
             entry.add(row)
@@ -129,13 +129,13 @@ class Assembler:
         """Recordings whole in one row (most clips): already complete and scored, so they pass
         column by column, without a Python object per row."""
         decoded = pc.is_valid(whole["duration_s"])
-        segments = whole.filter(decoded).select(SEGMENT_TABLE_SCHEMA.names).cast(SEGMENT_TABLE_SCHEMA)
+        segments = conform(keep(whole, decoded), SEGMENT_TABLE_SCHEMA)
         if self.subtitles and self.subtitles.formats:
             for row in segments.to_pylist():
                 self.subtitles.write(row["id"], _cues([row], split=False))
         counted = whole.set_column(whole.schema.get_field_index("segments"), "segments",
                                    pc.if_else(decoded, pa.scalar(1, pa.int32()), pa.scalar(0, pa.int32())))
-        return counted.select(self.schema.names).cast(self.schema), segments
+        return conform(counted, self.schema), segments
 
     def close(self) -> tuple[pa.Table, pa.Table]:
         """Recordings still incomplete when the stream ended (segments lost on the way, which the

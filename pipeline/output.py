@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from .claim import Claim
 from .errors import CannotRun
-from .records import SEGMENT_TABLE_SCHEMA, TRANSIENT, RowSet, Status, id_hashes
+from .records import SEGMENT_TABLE_SCHEMA, TRANSIENT, RowSet, Status, conform, id_hashes
 from .storage import TEMP_PREFIX, join_uri, url_to_fs, write_atomic
 from .summary import SUMMARY_NAME, JobTally
 
@@ -201,11 +201,11 @@ class TranscriptWriter:
     def write(self, batch: pa.Table, segments: pa.Table | None = None) -> pa.Table:
         """Queue recording rows (and their segment rows, committed in the same part) for writing;
         returns the rows as written (duplicate ids marked)."""
-        batch = self._mark_duplicates(batch.cast(self.schema))
+        batch = self._mark_duplicates(conform(batch, self.schema))
         self._pending.append(batch)
         self._pending_rows += batch.num_rows
         if segments is not None and segments.num_rows:
-            self._pending_segments.append(segments.cast(SEGMENT_TABLE_SCHEMA))
+            self._pending_segments.append(conform(segments, SEGMENT_TABLE_SCHEMA))
         if self._pending_rows >= self.rows_per_file or (
                 self._pending_rows and time.monotonic() - self._last_flush > self.flush_interval_s):
             self._flush_pending()

@@ -45,7 +45,7 @@ MAX_READ_BLOCKS = 4096
 # hands each to the sink), so a large job reads in blocks larger than an engine batch: as long as
 # every decode slot still gets BLOCKS_PER_DECODE_SLOT blocks (to balance the slots and stream
 # results early), up to MAX_ROWS_PER_BLOCK rows.
-BLOCKS_PER_DECODE_SLOT = 16
+BLOCKS_PER_DECODE_SLOT = 32
 MAX_ROWS_PER_BLOCK = 2048
 
 

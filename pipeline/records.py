@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # Plain Python, so that engines import them without pyarrow; this module's interface as before.
 from .constants import OK, SAMPLE_RATE_HZ, Status  # noqa: F401
@@ -168,6 +169,19 @@ def column(name: str) -> pa.Field:
 def schema_of(groups: Iterable[ColumnGroup], extras: Iterable[pa.Field] = ()) -> pa.Schema:
     """The schema of rows holding ``groups`` (in that order), then the carried-through ``extras``."""
     return pa.schema([f for g in groups for f in g.fields] + list(extras))
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` as ``schema`` (its columns, in order, with their types): selected and cast only
+    where it differs, as the driver does this to every block and a cast checks every column."""
+    if table.schema.names != schema.names:
+        table = table.select(schema.names)
+    return table if table.schema.equals(schema, check_metadata=True) else table.cast(schema)
+
+
+def keep(table: pa.Table, mask: pa.ChunkedArray | pa.Array) -> pa.Table:
+    """The rows of ``table`` where ``mask`` is true; the table itself (no copy) when that is every row."""
+    return table if pc.all(mask).as_py() and mask.null_count == 0 else table.filter(mask)
 
 
 def null_row(*groups: ColumnGroup) -> dict[str, Any]:
