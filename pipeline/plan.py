@@ -169,10 +169,9 @@ def rows_per_block(batch_size: int, n_rows: int, decode_slots: int) -> int:
 
 
 def tasks_in_flight(e: EngineConfig, block_rows: int) -> int:
-    """Ray Data tasks each replica holds at once. A task brings a block of ``block_rows`` rows and
-    runs its engine batches a few at a time, so ``engine.max_batches_in_flight`` batches of
-    ``engine.batch_size`` rows take fewer tasks when blocks are larger than a batch; never fewer
-    than two, so that the next task is already there when one finishes."""
+    """Blocks (Ray Data tasks) each replica holds at once: enough for ``engine.max_batches_in_flight``
+    batches of ``engine.batch_size`` rows (the stage lets that many batches at a time reach the
+    engine), and never fewer than two, so that the next block is already there when one finishes."""
     return max(2, -(-e.max_batches_in_flight * e.batch_size // block_rows))
 
 
@@ -279,16 +278,17 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
         batch_format="pyarrow", batch_size=None, num_cpus=per_decode,  # a block each (a batch size stops fusion)
     )
     report = functools.partial(_report, meter) if meter is not None else None
-    # Several tasks at once per actor (max_concurrency: its threads), their batches each awaited by
-    # the asynchronous InferenceStage, as ray.data.llm does for vLLM.
+    # Whole blocks, several at once per actor (max_concurrency: its threads), their engine batches
+    # each awaited by the asynchronous InferenceStage, as ray.data.llm does for vLLM.
+    in_flight = tasks_in_flight(e, block_rows)
     ds = ds.map_batches(
         InferenceStage,
         fn_constructor_kwargs={"engine": e, "extras": extras, "task": cfg.task, "words": cfg.word_times,
                                "report": report, "scoring": cfg.scoring},
-        compute=ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=tasks_in_flight(e, block_rows)),
-        batch_format="pyarrow", batch_size=e.batch_size,
+        compute=ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=in_flight),
+        batch_format="pyarrow", batch_size=None,
         num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica or None,
-        max_concurrency=e.max_batches_in_flight, max_restarts=e.max_restarts, max_task_retries=-1,
+        max_concurrency=in_flight, max_restarts=e.max_restarts, max_task_retries=-1,
     )
     if cfg.redact.enabled:  # recordings whole in one row; stitched ones on the driver (assemble.py)
         ds = ds.map_batches(RedactStage(cfg.redact, extras), batch_format="pyarrow", batch_size=e.batch_size,
