@@ -224,11 +224,11 @@ class InferenceStage:
 
     Takes a whole block (Ray Data's ``batch_size=None``; a large job's blocks hold many engine
     batches) and returns it as one table: a block returned in many small pieces would reach the
-    driver as a table of as many chunks, which Ray deserialises chunk by chunk (58 ms for a block
-    of 312 rows in batches of 8, measured). The block's rows are sorted longest clip first and cut
-    into batches of ``engine.batch_size``: engines that pad a batch to its longest clip (Whisper's
-    encoder, Granite's) then work on clips of similar length together. A batch goes to the engine
-    in ONE call; results are mapped back to their rows by position.
+    driver as a table of as many chunks, which Ray deserialises chunk by chunk (docs/design.md).
+    The block's rows are sorted longest clip first and cut into batches of ``engine.batch_size``:
+    engines that pad a batch to its longest clip (Whisper's encoder, Granite's) then work on clips
+    of similar length together. A batch goes to the engine in ONE call; results are mapped back to
+    their rows by position.
 
     Asynchronous, so that the model never waits for the pipeline: Ray Data hands an actor several
     blocks at once, and up to ``engine.max_batches_in_flight`` batches (of all of them together)
