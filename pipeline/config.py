@@ -236,8 +236,8 @@ class EngineConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Rows per engine call.")
     max_batches_in_flight: int = Field(
         4, ge=1,
-        description="Batches each replica holds at once (at least: a large job's read blocks hold several batches, "
-        "and a replica holds at least two blocks), so its model never waits for the next: vLLM takes "
+        description="Batches each replica has with its engine at once (the blocks it holds, at least two, may queue "
+        "more), so its model never waits for the next: vLLM takes "
         "all their requests into its running batch as they arrive (continuous batching across batches); "
         "other engines run one at a time with the next ones already converted and queued.",
     )

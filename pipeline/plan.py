@@ -264,7 +264,7 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
     cpus = cluster_cpus()
     light = light_tasks(cpus)
     # Read, prepare and decode reserve the same CPUs, so Ray Data fuses them into one task (no
-    # worker process or object-store hop between them); so do score and redact.
+    # worker process or object-store hop between them).
     per_decode = decode_cpus(cfg, replicas, cpus)
     block_rows = rows_per_block(e.batch_size, manifest.n_rows,
                                 int(max(0.0, cpus - replicas * e.cpus_per_replica) // per_decode))

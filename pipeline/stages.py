@@ -220,7 +220,7 @@ class InferenceStage:
     """Runs the engine (one replica per actor). Reads ``samples`` (and drops them), adds the
     transcript and who made it, then scores the rows (:class:`ScoreStage`, in this actor, on the
     rows it has just built): a stage of its own would cost the driver a task and a block to
-    schedule per batch, about a quarter of its CPU per row, for work this light.
+    schedule per batch, nearly a third of its CPU per row, for work this light.
 
     Takes a whole block (Ray Data's ``batch_size=None``; a large job's blocks hold many engine
     batches) and returns it as one table: a block returned in many small pieces would reach the
