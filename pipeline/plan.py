@@ -149,12 +149,17 @@ def light_tasks(cpus: float) -> int:
     return max(1, int(cpus * LIGHT_TASKS_PER_CORE))
 
 
+def free_cpus(cfg: JobConfig, replicas: int, cpus: float) -> float:
+    """The cluster's CPUs that the engine replicas leave to decode."""
+    return max(0.0, cpus - replicas * cfg.engine.cpus_per_replica)
+
+
 def decode_cpus(cfg: JobConfig, replicas: int, cpus: float) -> float:
     """CPUs per decode task: ``audio.decode_cpus``, or one core each out of what the engine
     replicas leave free (less where under a core is free, so that decode still runs)."""
     if cfg.audio.decode_cpus:
         return cfg.audio.decode_cpus
-    free = cpus - replicas * cfg.engine.cpus_per_replica
+    free = free_cpus(cfg, replicas, cpus)
     return 1.0 if free >= 1 else max(free, 0.25)
 
 
@@ -266,8 +271,7 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
     # Read, prepare and decode reserve the same CPUs, so Ray Data fuses them into one task (no
     # worker process or object-store hop between them).
     per_decode = decode_cpus(cfg, replicas, cpus)
-    block_rows = rows_per_block(e.batch_size, manifest.n_rows,
-                                int(max(0.0, cpus - replicas * e.cpus_per_replica) // per_decode))
+    block_rows = rows_per_block(e.batch_size, manifest.n_rows, int(free_cpus(cfg, replicas, cpus) // per_decode))
     ds = read_manifest(manifest, block_rows, per_decode)
     ds = ds.map_batches(
         PrepareStage(manifest.for_workers(), cfg.input.columns, cfg.task, committed),

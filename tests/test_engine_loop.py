@@ -191,3 +191,30 @@ def test_engine_loop_fails_every_request_it_holds_and_every_later_one_when_a_ste
         assert isinstance(error, EngineDead) and "device lost" in str(error)
     later = loop.submit([(1, None)])[0]
     assert isinstance(later.exception(timeout=5), EngineDead)
+
+
+class Sizes(Continuous):
+    """A continuous engine recording the size of each call and its longest clip."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+
+    async def transcribe_async(self, requests):
+        self.calls.append((len(requests), max(len(r.samples) for r in requests)))
+        return await super().transcribe_async(requests)
+
+
+def test_a_block_is_cut_into_engine_batches_longest_first_and_comes_back_as_one_table():
+    """A block of many batches: at most max_batches_in_flight of them inside the engine at once,
+    each of engine.batch_size rows, the longest clips first, and the block back whole, in its own
+    row order, one chunk per column (a table of many chunks costs the driver per chunk)."""
+    stage = InferenceStage(EngineConfig(name="fake", batch_size=8, max_batches_in_flight=2), ())
+    stage.engine = engine = Sizes()
+    block = batch("blk", 20)  # clip i holds i + 1 tenths of a second
+    out = asyncio.run(stage(block))
+    assert [n for n, _ in engine.calls] == [8, 8, 4]
+    assert [longest for _, longest in engine.calls] == [SAMPLE_RATE_HZ // 10 * k for k in (20, 12, 4)]
+    assert engine.peak == 2
+    assert_own_results([block], [out])
+    assert {out.column(name).num_chunks for name in out.column_names} == {1}
