@@ -47,6 +47,9 @@ MAX_READ_BLOCKS = 4096
 # results early), up to MAX_ROWS_PER_BLOCK rows.
 BLOCKS_PER_DECODE_SLOT = 32
 MAX_ROWS_PER_BLOCK = 2048
+# Each decode actor holds the block it decodes and the next one, so it never waits for Ray Data to
+# hand it work.
+DECODE_BLOCKS_PER_ACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,12 @@ def decode_cpus(cfg: JobConfig, replicas: int, cpus: float) -> float:
     return 1.0 if free >= 1 else max(free, 0.25)
 
 
+def decode_slots(cfg: JobConfig, replicas: int, cpus: float) -> int:
+    """Decode actors: as many as the CPUs the engine replicas leave free hold at
+    :func:`decode_cpus` each (at least one)."""
+    return max(1, int(free_cpus(cfg, replicas, cpus) // decode_cpus(cfg, replicas, cpus)))
+
+
 def rows_per_block(batch_size: int, n_rows: int, decode_slots: int) -> int:
     """Rows a read block holds: what one decode task works through, and (for clips short enough
     that a block stays under Ray Data's block size) what one inference task and the driver get as
@@ -180,16 +189,17 @@ def tasks_in_flight(e: EngineConfig, block_rows: int) -> int:
     return max(2, -(-e.max_batches_in_flight * e.batch_size // block_rows))
 
 
-def read_manifest(manifest: Manifest, block_rows: int, cpus: float = LIGHT_STAGE_CPUS):
-    """A Ray Dataset of the manifest's raw rows, read in Ray tasks of ``cpus`` CPUs through the
-    manifest's own reader (:meth:`Manifest.read`, so every row carries its position), streamed in
-    blocks of ``block_rows`` rows (:func:`rows_per_block`): a block is what one decode task works
-    through and what moves on downstream as one unit.
+def read_manifest(manifest: Manifest, block_rows: int, remote_args: dict[str, Any] | None = None):
+    """A Ray Dataset of the manifest's raw rows, read through the manifest's own reader
+    (:meth:`Manifest.read`, so every row carries its position), streamed in blocks of
+    ``block_rows`` rows (:func:`rows_per_block`): a block is what one decode call works through and
+    what moves on downstream as one unit. ``remote_args``: Ray's options for the reads (by default
+    no CPU reserved); those of the decode stage let Ray Data fuse reading into it.
 
     Where the manifest splits into runs of about a block each (a plain JSONL file: every 16th line's
-    offset is known), each read task reads one run, and reserving what a decode task does lets Ray
-    Data fuse reading into the decode tasks (reading costs little beside decoding). Otherwise (CSV,
-    compressed, Parquet with few row groups) Ray splits the readers' output into blocks."""
+    offset is known), each read is of one run, and fused into a decode call (reading costs little
+    beside decoding). Otherwise (CSV, compressed, Parquet with few row groups) Ray splits the
+    readers' output into blocks."""
     import ray.data
 
     fs, _ = url_to_fs(manifest.uri, manifest.storage_options)
@@ -200,7 +210,8 @@ def read_manifest(manifest: Manifest, block_rows: int, cpus: float = LIGHT_STAGE
         return ray.data.from_arrow(tables) if tables else ray.data.from_items([])
     blocks = max(1, min(MAX_READ_BLOCKS, -(-manifest.n_rows // block_rows)))
     runs = len(manifest.ranges(blocks))
-    return ray.data.read_datasource(_manifest_source(manifest, block_rows), num_cpus=cpus,
+    return ray.data.read_datasource(_manifest_source(manifest, block_rows),
+                                    ray_remote_args=remote_args or {"num_cpus": LIGHT_STAGE_CPUS},
                                     override_num_blocks=runs if 2 * runs >= blocks else blocks)
 
 
@@ -268,18 +279,26 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
     replicas = engine_replicas(e)
     cpus = cluster_cpus()
     light = light_tasks(cpus)
-    # Read, prepare and decode reserve the same CPUs, so Ray Data fuses them into one task (no
-    # worker process or object-store hop between them).
+    # Read, prepare and decode run in a pool of decode actors, a block per call with the next
+    # blocks already queued at the actor: as plain tasks, each core idled while Ray Data noticed
+    # a finished task and started the next (0.1-0.2 s between blocks of about 0.5 s). The three
+    # stages reserve the same CPUs, so Ray Data fuses them into one call (no worker process or
+    # object-store hop between them). Ray Data's defaults for the actors are those its tasks had:
+    # an actor that dies (its node lost) is replaced and its calls are redone, without limit.
     per_decode = decode_cpus(cfg, replicas, cpus)
-    block_rows = rows_per_block(e.batch_size, manifest.n_rows, int(free_cpus(cfg, replicas, cpus) // per_decode))
-    ds = read_manifest(manifest, block_rows, per_decode)
+    slots = decode_slots(cfg, replicas, cpus)
+    block_rows = rows_per_block(e.batch_size, manifest.n_rows, slots)
+    fused = {"num_cpus": per_decode}
+    ds = read_manifest(manifest, block_rows, fused)
     ds = ds.map_batches(
         PrepareStage(manifest.for_workers(), cfg.input.columns, cfg.task, committed),
-        batch_format="pyarrow", batch_size=None, num_cpus=per_decode,
+        batch_format="pyarrow", batch_size=None, **fused,
     )
     ds = ds.map_batches(
-        DecodeStage(cfg.audio, cfg.segment, cfg.storage.options, extras, task=cfg.task, diarize=cfg.diarize),
-        batch_format="pyarrow", batch_size=None, num_cpus=per_decode,  # a block each (a batch size stops fusion)
+        DecodeStage, fn_constructor_args=(cfg.audio, cfg.segment, cfg.storage.options, extras),
+        fn_constructor_kwargs={"task": cfg.task, "diarize": cfg.diarize},
+        compute=ActorPoolStrategy(size=slots, max_tasks_in_flight_per_actor=DECODE_BLOCKS_PER_ACTOR),
+        batch_format="pyarrow", batch_size=None, **fused,  # a block each (a batch size stops fusion)
     )
     report = functools.partial(_report, meter) if meter is not None else None
     # Whole blocks, several at once per actor (max_concurrency: its threads), their engine batches
