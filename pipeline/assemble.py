@@ -115,7 +115,7 @@ class Assembler:
         finished: list[dict] = []
         finished_segments: list[dict] = []
         for row in keep(batch, pc.invert(whole)).to_pylist():
-            key = row["row_index"]  # a re-run decode task repeats the same rows: they land on the same entry
+            key = row["row_index"]  # a redone decode call repeats the same rows: they land on the same entry
             entry = self._pending.setdefault(key, _Pending(row, row["n_channels"]))
             entry.add(row)
             if entry.complete:

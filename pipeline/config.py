@@ -75,13 +75,13 @@ class AudioConfig(_Section):
     )
     max_duration_s: float = Field(
         3600.0 * 12, gt=0,
-        description="Longer recordings get status too_long. A decode task holds the decoded recording "
+        description="Longer recordings get status too_long. A decode actor holds the decoded recording "
         "(about 230 MB per hour at 16 kHz), so this bounds its memory.",
     )
     max_bytes: int = Field(
         2 * 2**30, ge=1,
         description="Largest audio object read, in bytes: its size is checked before it is fetched "
-        "(status too_large). A decode task holds the encoded bytes, so this bounds that memory.",
+        "(status too_large). A decode actor holds the encoded bytes, so this bounds that memory.",
     )
     decode_budget_mb: float = Field(
         8192.0, gt=0,
@@ -89,7 +89,7 @@ class AudioConfig(_Section):
         "source rate, or its 16 kHz output (x channels with split), whichever is larger. Checked from "
         "the header before any sample is allocated and again while decoding (status too_large): a small "
         "file claiming hours of many-channel, high-rate audio is refused. The source passes through in "
-        "blocks of at most 16 MiB; the output is held, so this bounds a decode task's memory.",
+        "blocks of at most 16 MiB; the output is held, so this bounds a decode actor's memory.",
     )
     read_timeout_s: float = Field(
         300.0, gt=0,
@@ -99,9 +99,9 @@ class AudioConfig(_Section):
     )
     decode_cpus: float | None = Field(
         None, gt=0,
-        description="CPUs Ray reserves per decode task; null = sized to the cluster: one core each, so as "
-        "many decode tasks run at once as the cluster has cores the engine replicas leave free (less "
-        "than one core where fewer are free).",
+        description="CPUs Ray reserves per decode actor; null = sized to the cluster: one core each, so "
+        "there are as many decode actors as the cluster has cores the engine replicas leave free (less "
+        "than one core each where fewer are free).",
     )
     channels: Literal["mix", "split"] = Field(
         "mix", description="mix: downmix to mono; split: transcribe each channel on its own (stereo calls)."
@@ -210,7 +210,7 @@ DEFAULT_MODELS = {
 
 DEFAULT_CPUS = {"whisper": 1.0, "vllm": 1.0, "transformers": 1.0, "fake": 0.0}
 """The CPUs each engine's replica reserves when ``engine.cpus_per_replica`` is not given: a core
-for a model, none for the fake engine (a reserved core it does not use would idle a decode task's)."""
+for a model, none for the fake engine (a reserved core it does not use would idle a decode actor's)."""
 
 
 class EngineConfig(_Section):

@@ -4,8 +4,8 @@ Why the decode stage: only there is a recording whole, before it is cut into seg
 to the engine separately; every segment (and so the prompt of each, and the scoring normaliser)
 must carry the same language. A separate actor stage would see segments, not recordings. The
 model (faster-whisper, multilingual ``base`` by default: installed offline from PyPI) is loaded
-once per worker process and kept (Ray reuses worker processes across decode tasks), with one
-CTranslate2 thread, as the decode task reserves a fraction of a CPU.
+once per decode actor and kept, with one CTranslate2 thread, as a decode actor may reserve a
+fraction of a CPU.
 """
 
 from __future__ import annotations

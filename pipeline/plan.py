@@ -35,7 +35,7 @@ from .summary import JobSummary, JobTally, RunFigures
 log = logging.getLogger("quarry")
 
 # Light stages (the manifest read, redaction) reserve no CPU: a reservation they barely use
-# would idle the core a decode task could have, and on a small machine an actor pool that takes
+# would idle the core a decode actor could have, and on a small machine an actor pool that takes
 # every CPU would leave them pending forever. Their concurrency is capped instead (one task each
 # per LIGHT_TASKS_PER_CORE cores), so they never flood the node with worker processes.
 LIGHT_STAGE_CPUS = 0.0
@@ -80,7 +80,7 @@ def init_ray(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
-    # One thread per worker process: decode tasks are sized by their number, not their threads. An
+    # One thread per worker process: decode actors are sized by their number, not their threads. An
     # engine on CPU sizes its model's threads to its machine itself (engines.common.machine_threads).
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if address:
@@ -158,7 +158,7 @@ def free_cpus(cfg: JobConfig, replicas: int, cpus: float) -> float:
 
 
 def decode_cpus(cfg: JobConfig, replicas: int, cpus: float) -> float:
-    """CPUs per decode task: ``audio.decode_cpus``, or one core each out of what the engine
+    """CPUs per decode actor: ``audio.decode_cpus``, or one core each out of what the engine
     replicas leave free (less where under a core is free, so that decode still runs)."""
     if cfg.audio.decode_cpus:
         return cfg.audio.decode_cpus
@@ -173,7 +173,7 @@ def decode_slots(cfg: JobConfig, replicas: int, cpus: float) -> int:
 
 
 def rows_per_block(batch_size: int, n_rows: int, decode_slots: int) -> int:
-    """Rows a read block holds: what one decode task works through, and (for clips short enough
+    """Rows a read block holds: what one decode call works through, and (for clips short enough
     that a block stays under Ray Data's block size) what one inference task and the driver get as
     one unit. At least an engine batch and ``n_rows / MAX_READ_BLOCKS``; more for a large job, up
     to ``MAX_ROWS_PER_BLOCK``, while each of the ``decode_slots`` still gets
@@ -189,17 +189,18 @@ def tasks_in_flight(e: EngineConfig, block_rows: int) -> int:
     return max(2, -(-e.max_batches_in_flight * e.batch_size // block_rows))
 
 
-def read_manifest(manifest: Manifest, block_rows: int, remote_args: dict[str, Any] | None = None):
+def read_manifest(manifest: Manifest, block_rows: int, cpus: float = LIGHT_STAGE_CPUS):
     """A Ray Dataset of the manifest's raw rows, read through the manifest's own reader
     (:meth:`Manifest.read`, so every row carries its position), streamed in blocks of
     ``block_rows`` rows (:func:`rows_per_block`): a block is what one decode call works through and
-    what moves on downstream as one unit. ``remote_args``: Ray's options for the reads (by default
-    no CPU reserved); those of the decode stage let Ray Data fuse reading into it.
+    what moves on downstream as one unit.
 
     Where the manifest splits into runs of about a block each (a plain JSONL file: every 16th line's
-    offset is known), each read is of one run, and fused into a decode call (reading costs little
-    beside decoding). Otherwise (CSV, compressed, Parquet with few row groups) Ray splits the
-    readers' output into blocks."""
+    offset is known), each read is of one run and reserves ``cpus``: the decode stage's, so that
+    Ray Data fuses the read into a decode call (reading costs little beside decoding). Otherwise
+    (CSV, compressed, Parquet with few row groups) Ray splits the readers' output into blocks, so
+    the reads cannot fuse: they run as tasks of their own, light ones (no CPU reserved, as the
+    decode actors may hold every CPU; at most :func:`light_tasks` at once)."""
     import ray.data
 
     fs, _ = url_to_fs(manifest.uri, manifest.storage_options)
@@ -210,9 +211,11 @@ def read_manifest(manifest: Manifest, block_rows: int, remote_args: dict[str, An
         return ray.data.from_arrow(tables) if tables else ray.data.from_items([])
     blocks = max(1, min(MAX_READ_BLOCKS, -(-manifest.n_rows // block_rows)))
     runs = len(manifest.ranges(blocks))
-    return ray.data.read_datasource(_manifest_source(manifest, block_rows),
-                                    ray_remote_args=remote_args or {"num_cpus": LIGHT_STAGE_CPUS},
-                                    override_num_blocks=runs if 2 * runs >= blocks else blocks)
+    source = _manifest_source(manifest, block_rows)
+    if 2 * runs >= blocks:
+        return ray.data.read_datasource(source, num_cpus=cpus, override_num_blocks=runs)
+    return ray.data.read_datasource(source, num_cpus=LIGHT_STAGE_CPUS, concurrency=light_tasks(cluster_cpus()),
+                                    override_num_blocks=blocks)
 
 
 def _manifest_source(manifest: Manifest, rows_per_block: int):
@@ -288,17 +291,16 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
     per_decode = decode_cpus(cfg, replicas, cpus)
     slots = decode_slots(cfg, replicas, cpus)
     block_rows = rows_per_block(e.batch_size, manifest.n_rows, slots)
-    fused = {"num_cpus": per_decode}
-    ds = read_manifest(manifest, block_rows, fused)
+    ds = read_manifest(manifest, block_rows, per_decode)
     ds = ds.map_batches(
         PrepareStage(manifest.for_workers(), cfg.input.columns, cfg.task, committed),
-        batch_format="pyarrow", batch_size=None, **fused,
+        batch_format="pyarrow", batch_size=None, num_cpus=per_decode,
     )
     ds = ds.map_batches(
         DecodeStage, fn_constructor_args=(cfg.audio, cfg.segment, cfg.storage.options, extras),
         fn_constructor_kwargs={"task": cfg.task, "diarize": cfg.diarize},
         compute=ActorPoolStrategy(size=slots, max_tasks_in_flight_per_actor=DECODE_BLOCKS_PER_ACTOR),
-        batch_format="pyarrow", batch_size=None, **fused,  # a block each (a batch size stops fusion)
+        batch_format="pyarrow", batch_size=None, num_cpus=per_decode,  # a block each (a batch size stops fusion)
     )
     report = functools.partial(_report, meter) if meter is not None else None
     # Whole blocks, several at once per actor (max_concurrency: its threads), their engine batches

@@ -107,7 +107,7 @@ class ResemblyzerDiarizer:
             raise _unavailable("torch and scikit-learn", e) from e
         self.cfg = cfg
         self._torch = torch
-        # One thread: this runs in decode tasks that reserve a fraction of a CPU; more threads only
+        # One thread: this runs in decode actors that may reserve a fraction of a CPU; more threads only
         # fight each other there (measured: 12x slower with 2 threads on a busy 2-core machine).
         torch.set_num_threads(1)
         self._mel = mel_frames

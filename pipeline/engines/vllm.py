@@ -71,7 +71,7 @@ def _cpu_environment() -> Callable[[], None]:
     import torch
 
     # The model runs on every core of the machine (Ray's workers start with OMP_NUM_THREADS=1, which
-    # suits decode tasks, not the model). OpenMP's thread count is per thread, and vLLM's CPU
+    # suits decode actors, not the model). OpenMP's thread count is per thread, and vLLM's CPU
     # attention checks that it runs with the count it was set up with: the engine loop's thread
     # sets the same one (with this function: vLLM replaces torch.set_num_threads with a no-op).
     set_threads, threads = torch.set_num_threads, machine_threads()
