@@ -209,13 +209,20 @@ def read_manifest(manifest: Manifest, block_rows: int, cpus: float = LIGHT_STAGE
         # this process's memory, so handing it to Ray costs nothing extra.
         tables = list(manifest.batches(block_rows))
         return ray.data.from_arrow(tables) if tables else ray.data.from_items([])
-    blocks = max(1, min(MAX_READ_BLOCKS, -(-manifest.n_rows // block_rows)))
-    runs = len(manifest.ranges(blocks))
+    blocks, fused = read_blocks(manifest, block_rows)
     source = _manifest_source(manifest, block_rows)
-    if 2 * runs >= blocks:
-        return ray.data.read_datasource(source, num_cpus=cpus, override_num_blocks=runs)
+    if fused:
+        return ray.data.read_datasource(source, num_cpus=cpus, override_num_blocks=blocks)
     return ray.data.read_datasource(source, num_cpus=LIGHT_STAGE_CPUS, concurrency=light_tasks(cluster_cpus()),
                                     override_num_blocks=blocks)
+
+
+def read_blocks(manifest: Manifest, block_rows: int) -> tuple[int, bool]:
+    """(blocks, fused): how many blocks :func:`read_manifest` reads the manifest in, and whether
+    each is a run of its own (so that the read fuses into the decode stage)."""
+    blocks = max(1, min(MAX_READ_BLOCKS, -(-manifest.n_rows // block_rows)))
+    runs = len(manifest.ranges(blocks))
+    return (runs, True) if 2 * runs >= blocks else (blocks, False)
 
 
 def _manifest_source(manifest: Manifest, rows_per_block: int):
@@ -291,6 +298,7 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
     per_decode = decode_cpus(cfg, replicas, cpus)
     slots = decode_slots(cfg, replicas, cpus)
     block_rows = rows_per_block(e.batch_size, manifest.n_rows, slots)
+    actors = min(slots, read_blocks(manifest, block_rows)[0])  # a small job starts no idle actor
     ds = read_manifest(manifest, block_rows, per_decode)
     ds = ds.map_batches(
         PrepareStage(manifest.for_workers(), cfg.input.columns, cfg.task, committed),
@@ -299,7 +307,7 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
     ds = ds.map_batches(
         DecodeStage, fn_constructor_args=(cfg.audio, cfg.segment, cfg.storage.options, extras),
         fn_constructor_kwargs={"task": cfg.task, "diarize": cfg.diarize},
-        compute=ActorPoolStrategy(size=slots, max_tasks_in_flight_per_actor=DECODE_BLOCKS_PER_ACTOR),
+        compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=DECODE_BLOCKS_PER_ACTOR),
         batch_format="pyarrow", batch_size=None, num_cpus=per_decode,  # a block each (a batch size stops fusion)
     )
     report = functools.partial(_report, meter) if meter is not None else None

@@ -1,12 +1,13 @@
 """The feed: the decode stage gives what a plain decode loop gives, its output columns are built
-without per-row copies, read + prepare + decode run as one Ray task, and the start-up log names
-each phase."""
+without per-row copies, read + prepare + decode run as one call to a decode actor (and a read that
+cannot fuse does not wait for a CPU the actors hold), and the start-up log names each phase."""
 
 from __future__ import annotations
 
 import io
 import logging
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -71,11 +72,32 @@ def test_samples_column_holds_each_rows_float32_bytes_with_nulls_in_place():
     assert samples_column([]).to_pylist() == []
 
 
-def test_read_prepare_and_decode_run_as_one_task(ray_session, mixed, capsys):
+def test_read_prepare_and_decode_run_as_one_call_in_a_pool_of_decode_actors(ray_session, mixed, capsys):
     manifest_path, _ = mixed
     cfg = load_config(None, ["engine.name=fake"])
     build_dataset(cfg, Manifest.open(str(manifest_path), cfg)).explain()
-    assert "ReadQuarryManifest->MapBatches(PrepareStage)->MapBatches(DecodeStage)" in capsys.readouterr().out
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "ActorPoolMapOperator[ReadQuarryManifest->MapBatches(PrepareStage)->MapBatches(DecodeStage)]" in physical
+
+
+def test_a_read_that_cannot_fuse_runs_beside_decode_actors_that_hold_every_cpu(ray_session, tmp_path, capsys):
+    """12 rows in blocks of 4 are one run of the JSONL file (16 lines), so Ray splits the read's
+    output and the read stays a stage of its own, while the decode actors reserve both CPUs of the
+    test session: reserving a CPU, the read would wait for one forever."""
+    clip = EVAL_DIR / eval_rows("en")[0]["audio"]
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": f"r{i:02d}", "audio": str(clip)} for i in range(12)])
+    cfg = load_config(None, ["engine.name=fake", "engine.batch_size=4"])
+    build_dataset(cfg, Manifest.open(str(manifest), cfg)).explain()
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[ReadQuarryManifest]" in physical
+    assert "ActorPoolMapOperator[MapBatches(PrepareStage)->MapBatches(DecodeStage)]" in physical
+
+    done: list = []
+    job = threading.Thread(target=lambda: done.append(run_job(cfg, str(manifest), str(tmp_path / "out"))), daemon=True)
+    job.start()
+    job.join(timeout=120)
+    assert done, "the job did not finish in 120 s: its read is waiting for a CPU"
+    assert done[0].summary.n_ok == 12
 
 
 def test_start_up_log_names_each_phase_in_one_line(ray_session, mixed, tmp_path, caplog):

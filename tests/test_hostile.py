@@ -37,7 +37,7 @@ from .hostile import JOB_SETTINGS, SECRETS, build_hostile
 
 PEAK_PROCESS_MIB = 1024
 """Bound on the resident memory of any one process of the job (the driver, a Ray worker running a
-decode task, ...), sampled every 0.1 s. With the bounds under test a decode task holds little; a
+decode actor, ...), sampled every 0.1 s. With the bounds under test a decode actor holds little; a
 plain job of good clips peaks at about 270 MiB in its largest process on the test machine. Without
 them the oversized object alone is 512 MiB read (twice that while its chunks are joined) and the
 FLAC bomb's 2 h output 460 MiB before it is cut into segments."""

@@ -31,7 +31,7 @@ GAP_S = 1.5
 
 
 def whisper_cfg(*extra: str):
-    # Two replicas of 0.75 CPU each leave room for the decode tasks on a 2-core machine.
+    # Two replicas of 0.75 CPU each leave room for a decode actor on a 2-core machine.
     return load_config(None, ["engine.replicas=2", "engine.cpus_per_replica=0.75", "engine.batch_size=4", *extra])
 
 
