@@ -37,8 +37,8 @@ from tests.paths import EVAL_DIR  # noqa: E402
 
 WINDOW_S = 30.0
 # The job keeps as many requests with vLLM as it runs at once (8 batches of 8 = max_num_seqs), as the
-# engine alone does (it has every request at once): with the default 4 batches, vLLM ran 32
-# sequences at a time in the job against 64 alone, and the ratio measured that, not the pipeline.
+# engine alone does (it has every request at once): with the default 4 batches, vLLM would run 32
+# sequences at a time in the job against 64 alone, and the ratio would measure that too.
 VLLM_SETS = ["engine.vllm.max_model_len=448", "engine.vllm.max_num_seqs=64", "engine.max_batches_in_flight=8",
              "engine.vllm.dtype=float32", "engine.vllm.enforce_eager=true", "engine.vllm.cpu_kv_cache_gib=1",
              "engine.vllm.temperature=0"]
