@@ -289,12 +289,9 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
     replicas = engine_replicas(e)
     cpus = cluster_cpus()
     light = light_tasks(cpus)
-    # Read, prepare and decode run in a pool of decode actors, a block per call with the next
-    # blocks already queued at the actor: as plain tasks, each core idled while Ray Data noticed
-    # a finished task and started the next (0.1-0.2 s between blocks of about 0.5 s). The three
-    # stages reserve the same CPUs, so Ray Data fuses them into one call (no worker process or
-    # object-store hop between them). Ray Data's defaults for the actors are those its tasks had:
-    # an actor that dies (its node lost) is replaced and its calls are redone, without limit.
+    # Read, prepare and decode reserve the same CPUs, so Ray Data fuses them into one call to a
+    # decode actor (why actors, not tasks: docs/design.md). Ray Data's defaults for the actors are
+    # those its tasks had: an actor that dies is replaced and its calls are redone, without limit.
     per_decode = decode_cpus(cfg, replicas, cpus)
     slots = decode_slots(cfg, replicas, cpus)
     block_rows = rows_per_block(e.batch_size, manifest.n_rows, slots)
