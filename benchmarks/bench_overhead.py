@@ -13,7 +13,9 @@ For each engine, side by side in one run, on the same English eval clips (repeat
 
 It prints, per engine: overhead = steady-state job wall / engine-alone wall (target <= 1.10), the
 engine's busy fraction inside its actor over the job (target >= 0.95), and the start-up. Each side
-runs in a child process, so neither holds the other's model or threads.
+runs in a child process, so neither holds the other's model or threads. The two sides alternate
+``--repeats`` times per engine (alone, job, alone, job, ...) and the overhead given is the median of
+the pairs' ratios, every pair printed: on a small machine one pair varies by +-10 % from run to run.
 
 Engines: ``whisper`` (faster-whisper tiny.en, offline) and ``vllm`` (vLLM's CPU build running
 real Whisper weights: tiny.en converted back from CTranslate2 by pipeline.tools.ct2_to_hf).
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,12 +39,10 @@ sys.path.insert(0, str(REPO))
 from tests.paths import EVAL_DIR  # noqa: E402
 
 WINDOW_S = 30.0
-# The job keeps as many requests with vLLM as it runs at once (8 batches of 8 = max_num_seqs), as the
-# engine alone does (it has every request at once): with the default 4 batches, vLLM would run 32
-# sequences at a time in the job against 64 alone, and the ratio would measure that too.
-VLLM_SETS = ["engine.vllm.max_model_len=448", "engine.vllm.max_num_seqs=64", "engine.max_batches_in_flight=8",
-             "engine.vllm.dtype=float32", "engine.vllm.enforce_eager=true", "engine.vllm.cpu_kv_cache_gib=1",
-             "engine.vllm.temperature=0"]
+# The job's vLLM replica holds twice max_num_seqs requests (EngineConfig.batches_in_flight: 8
+# batches of the embedded default's 16); the engine alone has every request at once.
+VLLM_SETS = ["engine.vllm.max_model_len=448", "engine.vllm.max_num_seqs=64", "engine.vllm.dtype=float32",
+             "engine.vllm.enforce_eager=true", "engine.vllm.cpu_kv_cache_gib=1", "engine.vllm.temperature=0"]
 
 
 def clips(minutes: float) -> list[dict]:
@@ -92,6 +93,15 @@ def engine_alone(manifest: Path, sets: list[str]) -> dict:
             "audio_s": sum(r.duration_s for r in requests)}
 
 
+def alone(manifest: Path, sets: list[str]) -> dict:
+    """:func:`engine_alone` in a child process of its own."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_overhead", "--alone", str(manifest),
+                           json.dumps(sets)], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine alone failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def job(manifest: Path, out: Path, sets: list[str]) -> dict:
     cmd = [sys.executable, "-m", "pipeline.cli", "run", "--manifest", str(manifest), "--output", str(out),
            "--overwrite", *[a for s in sets for a in ("--set", s)]]
@@ -110,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", default="whisper,vllm", help="comma-separated: whisper, vllm")
     parser.add_argument("--minutes", type=float, default=20.0, help="audio per engine, minutes")
+    parser.add_argument("--repeats", type=int, default=3, help="alone/job pairs per engine, alternated")
     parser.add_argument("--set", action="append", default=[], help="extra config override for both sides")
     parser.add_argument("--alone", nargs=2, metavar=("MANIFEST", "SETS_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,21 +136,22 @@ def main() -> None:
         manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
         for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
             sets = engine_sets(engine, tmp) + args.set
-            alone = subprocess.run([sys.executable, "-m", "benchmarks.bench_overhead", "--alone", str(manifest),
-                                    json.dumps(sets)], capture_output=True, text=True, cwd=REPO)
-            if alone.returncode != 0:
-                raise RuntimeError(f"{engine} alone failed:\n{alone.stderr[-3000:]}")
-            a = json.loads(alone.stdout.strip().splitlines()[-1])
-            j = job(manifest, tmp / f"out-{engine}", sets)
-            results.append((engine, a, j))
+            for _ in range(args.repeats):
+                results.append((engine, alone(manifest, sets), job(manifest, tmp / f"out-{engine}", sets)))
     audio_min = results[0][1]["audio_s"] / 60 if results else 0.0
-    print(f"{len(rows)} clips, {audio_min:.1f} min of English audio, {os.cpu_count()} CPUs")
+    print(f"{len(rows)} clips, {audio_min:.1f} min of English audio, {os.cpu_count()} CPUs; "
+          f"{args.repeats} alone/job pairs per engine, alternated")
     print(f"{'engine':<9}{'alone s':>9}{'job s':>8}{'start-up s':>12}{'steady s':>10}{'overhead':>10}"
           f"{'busy':>8}  rows ok (alone / job)")
+    ratios: dict[str, list[float]] = {}
     for engine, a, j in results:
         steady = j["wall_s"] - j["engine_start_s"]
+        ratios.setdefault(engine, []).append(steady / a["wall_s"])
         print(f"{engine:<9}{a['wall_s']:>9.1f}{j['wall_s']:>8.1f}{j['engine_start_s']:>12.1f}{steady:>10.1f}"
               f"{steady / a['wall_s']:>10.2f}{j['busy']:>8.1%}  {a['ok']}/{a['rows']} / {j['ok']}/{j['rows']}")
+    for engine, each in ratios.items():
+        print(f"{engine} overhead, median of {len(each)} pairs: {statistics.median(each):.2f} "
+              f"(range {min(each):.2f}-{max(each):.2f})")
     for engine, _, j in results:
         print(f"{engine} start-up phases: {j['phases']}")
 

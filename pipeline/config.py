@@ -213,6 +213,12 @@ DEFAULT_CPUS = {"whisper": 1.0, "vllm": 1.0, "transformers": 1.0, "fake": 0.0}
 for a model, none for the fake engine (a reserved core it does not use would idle a decode actor's)."""
 
 
+VLLM_QUEUE_FACTOR = 2
+"""A vLLM replica holds at least this many times ``vllm.max_num_seqs`` requests: a batch keeps its
+place until its last request ends, so the engine holds fewer than the batches' rows, and its
+waiting queue must refill each sequence that finishes at once."""
+
+
 class EngineConfig(_Section):
     name: Literal["whisper", "vllm", "transformers", "fake"] = Field("whisper", description="Which engine runs.")
     model: str | None = Field(
@@ -238,7 +244,8 @@ class EngineConfig(_Section):
         4, ge=1,
         description="Batches each replica has with its engine at once (the blocks it holds, at least two, may queue "
         "more), so its model never waits for the next: vLLM takes "
-        "all their requests into its running batch as they arrive (continuous batching across batches); "
+        "all their requests into its running batch as they arrive (continuous batching across batches), and "
+        "gets more batches when these hold fewer than VLLM_QUEUE_FACTOR x vllm.max_num_seqs requests; "
         "other engines run one at a time with the next ones already converted and queued.",
     )
     max_restarts: int = Field(
@@ -259,6 +266,15 @@ class EngineConfig(_Section):
     @classmethod
     def _default_cpus(cls, value: float | None, info) -> float:
         return DEFAULT_CPUS[info.data.get("name", "whisper")] if value is None else value
+
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches a replica lets reach its engine at once: ``max_batches_in_flight``, and for vLLM
+        at least enough for ``VLLM_QUEUE_FACTOR`` x ``vllm.max_num_seqs`` requests, whatever the
+        batch size, so that its running batch is refilled as each request finishes, never drained."""
+        if self.name != "vllm":
+            return self.max_batches_in_flight
+        return max(self.max_batches_in_flight, -(-VLLM_QUEUE_FACTOR * self.vllm.max_num_seqs // self.batch_size))
 
 
 class TaskConfig(_Section):

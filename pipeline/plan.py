@@ -183,10 +183,10 @@ def rows_per_block(batch_size: int, n_rows: int, decode_slots: int) -> int:
 
 
 def tasks_in_flight(e: EngineConfig, block_rows: int) -> int:
-    """Blocks (Ray Data tasks) each replica holds at once: enough for ``engine.max_batches_in_flight``
+    """Blocks (Ray Data tasks) each replica holds at once: enough for ``engine.batches_in_flight``
     batches of ``engine.batch_size`` rows (the stage lets that many batches at a time reach the
     engine), and never fewer than two, so that the next block is already there when one finishes."""
-    return max(2, -(-e.max_batches_in_flight * e.batch_size // block_rows))
+    return max(2, -(-e.batches_in_flight * e.batch_size // block_rows))
 
 
 def read_manifest(manifest: Manifest, block_rows: int, cpus: float = LIGHT_STAGE_CPUS):

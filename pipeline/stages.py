@@ -231,7 +231,7 @@ class InferenceStage:
     their rows by position.
 
     Asynchronous, so that the model never waits for the pipeline: Ray Data hands an actor several
-    blocks at once, and up to ``engine.max_batches_in_flight`` batches (of all of them together)
+    blocks at once, and up to ``engine.batches_in_flight`` batches (of all of them together)
     are with the engine while the rest wait converted. An engine that schedules requests
     continuously (vLLM: ``transcribe_async``) gets each batch's requests as soon as it is let in,
     so they join its running batch across batch boundaries; any other engine runs one batch at a
@@ -255,7 +255,7 @@ class InferenceStage:
         self.engine.transcribe([EngineRequest(id="warm-up", samples=np.zeros(SAMPLE_RATE_HZ, np.float32))])
         self.words = words  # ask the engine for word timestamps (output.words, or diarize)
         self.batch_size = engine.batch_size
-        self._slots = asyncio.Semaphore(engine.max_batches_in_flight)  # engine calls in flight, all blocks together
+        self._slots = asyncio.Semaphore(engine.batches_in_flight)  # engine calls in flight, all blocks together
         self.score = ScoreStage(scoring or ScoringConfig(), extras)
         self.clock = BusyClock(began, time.time())
         self._report = report
@@ -280,7 +280,7 @@ class InferenceStage:
 
     async def _batch(self, todo: list[dict[str, Any]]) -> None:
         """One engine call over ``todo`` (rows, longest first), once one of the replica's
-        ``max_batches_in_flight`` slots is free; fills the rows in place."""
+        ``batches_in_flight`` slots is free; fills the rows in place."""
         requests = [
             EngineRequest(
                 id=row["id"],

@@ -15,7 +15,9 @@ import pyarrow as pa
 from pipeline.config import EngineConfig
 from pipeline.engines.fake import FakeEngine
 from pipeline.meter import BusyClock, EngineFigures, busy_fraction
+from pipeline.plan import tasks_in_flight
 from pipeline.records import SAMPLE_RATE_HZ, null_row, schema_of
+from pipeline import stages
 from pipeline.stages import DECODED_ROW, InferenceStage
 
 HOLD_S = 0.05  # how long a call holds the model in these tests
@@ -103,6 +105,24 @@ def test_an_engine_that_cannot_share_runs_one_batch_at_a_time_with_the_next_ones
     figures = stage.clock.figures()
     # ... and the next batch is always waiting: the model is busy from its first request to its last.
     assert figures.busy_s == figures.wall_s and figures.wall_s >= 4 * HOLD_S
+
+
+def test_a_vllm_replica_keeps_twice_max_num_seqs_requests_in_flight_whatever_its_batches(monkeypatch):
+    """A batch keeps its place until its last request ends, so a vLLM replica whose batches in
+    flight would hold fewer than twice max_num_seqs requests gets more batches (and the blocks to
+    fill them): vLLM's waiting queue then refills each sequence the step it finishes. Other engines
+    get what max_batches_in_flight says."""
+    e = EngineConfig(name="vllm", batch_size=2, max_batches_in_flight=1, vllm={"max_num_seqs": 3})
+    assert e.batches_in_flight == 3  # 6 requests in batches of 2
+    assert tasks_in_flight(e, block_rows=2) == 3
+    monkeypatch.setattr(stages, "load_engine", lambda *_: Continuous())  # a stand-in for vLLM
+    stage = InferenceStage(e, ())
+    out = asyncio.run(stage(block := batch("q", 20)))
+    assert stage.engine.peak == 3
+    assert_own_results([block], [out])
+    gpu = EngineConfig(name="vllm", batch_size=64, max_batches_in_flight=8, vllm={"max_num_seqs": 256})
+    assert gpu.batches_in_flight == 8  # configs/granite-gpu.yaml already holds twice max_num_seqs
+    assert EngineConfig(name="whisper", batch_size=2, max_batches_in_flight=1).batches_in_flight == 1
 
 
 def test_busy_clock_counts_only_time_with_work_in_flight():
