@@ -214,9 +214,9 @@ for a model, none for the fake engine (a reserved core it does not use would idl
 
 
 VLLM_QUEUE_FACTOR = 2
-"""A vLLM replica holds at least this many times ``vllm.max_num_seqs`` requests: a batch keeps its
-place until its last request ends, so the engine holds fewer than the batches' rows, and its
-waiting queue must refill each sequence that finishes at once."""
+"""A vLLM replica's batches in flight hold at least this many times ``vllm.max_num_seqs`` requests:
+a batch keeps its place until its last request ends, so the batches hold fewer unfinished requests
+than rows, and vLLM's waiting queue must still refill each sequence the step it finishes."""
 
 
 class EngineConfig(_Section):

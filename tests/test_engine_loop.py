@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 
+from pipeline import stages
 from pipeline.config import EngineConfig
 from pipeline.engines.fake import FakeEngine
 from pipeline.meter import BusyClock, EngineFigures, busy_fraction
 from pipeline.plan import tasks_in_flight
 from pipeline.records import SAMPLE_RATE_HZ, null_row, schema_of
-from pipeline import stages
 from pipeline.stages import DECODED_ROW, InferenceStage
 
 HOLD_S = 0.05  # how long a call holds the model in these tests
