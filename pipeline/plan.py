@@ -189,7 +189,8 @@ def tasks_in_flight(e: EngineConfig, block_rows: int) -> int:
     return max(2, -(-e.batches_in_flight * e.batch_size // block_rows))
 
 
-def read_manifest(manifest: Manifest, block_rows: int, cpus: float = LIGHT_STAGE_CPUS):
+def read_manifest(manifest: Manifest, block_rows: int, cpus: float = LIGHT_STAGE_CPUS,
+                  layout: tuple[int, bool] | None = None):
     """A Ray Dataset of the manifest's raw rows, read through the manifest's own reader
     (:meth:`Manifest.read`, so every row carries its position), streamed in blocks of
     ``block_rows`` rows (:func:`rows_per_block`): a block is what one decode call works through and
@@ -200,7 +201,8 @@ def read_manifest(manifest: Manifest, block_rows: int, cpus: float = LIGHT_STAGE
     Ray Data fuses the read into a decode call (reading costs little beside decoding). Otherwise
     (CSV, compressed, Parquet with few row groups) Ray splits the readers' output into blocks, so
     the reads cannot fuse: they run as tasks of their own, light ones (no CPU reserved, as the
-    decode actors may hold every CPU; at most :func:`light_tasks` at once)."""
+    decode actors may hold every CPU; at most :func:`light_tasks` at once). ``layout``:
+    :func:`read_blocks`'s answer, where the caller has it already."""
     import ray.data
 
     fs, _ = url_to_fs(manifest.uri, manifest.storage_options)
@@ -209,7 +211,7 @@ def read_manifest(manifest: Manifest, block_rows: int, cpus: float = LIGHT_STAGE
         # this process's memory, so handing it to Ray costs nothing extra.
         tables = list(manifest.batches(block_rows))
         return ray.data.from_arrow(tables) if tables else ray.data.from_items([])
-    blocks, fused = read_blocks(manifest, block_rows)
+    blocks, fused = layout or read_blocks(manifest, block_rows)
     source = _manifest_source(manifest, block_rows)
     if fused:
         return ray.data.read_datasource(source, num_cpus=cpus, override_num_blocks=blocks)
@@ -295,8 +297,9 @@ def build_dataset(cfg: JobConfig, manifest: Manifest, committed_ref: Any = None,
     per_decode = decode_cpus(cfg, replicas, cpus)
     slots = decode_slots(cfg, replicas, cpus)
     block_rows = rows_per_block(e.batch_size, manifest.n_rows, slots)
-    actors = min(slots, read_blocks(manifest, block_rows)[0])  # a small job starts no idle actor
-    ds = read_manifest(manifest, block_rows, per_decode)
+    layout = read_blocks(manifest, block_rows)
+    actors = min(slots, layout[0])  # a small job starts no idle actor
+    ds = read_manifest(manifest, block_rows, per_decode, layout)
     ds = ds.map_batches(
         PrepareStage(manifest.for_workers(), cfg.input.columns, cfg.task, committed),
         batch_format="pyarrow", batch_size=None, num_cpus=per_decode,
