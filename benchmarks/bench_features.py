@@ -6,7 +6,7 @@ the English eval clips (``python -m benchmarks.bench_features``): a developer's 
 * word timestamps: whisper tiny.en with and without ``word_timestamps`` (the engine's extra work);
 * redaction: milliseconds per transcript (the RedactStage's / driver's share).
 
-One thread each, as in the decode tasks; every model is loaded (and warmed on one clip) first.
+One thread each, as in the decode actors; every model is loaded (and warmed on one clip) first.
 """
 
 from __future__ import annotations
